@@ -1,0 +1,200 @@
+"""The request queue between caller threads and the Predictor's worker.
+
+`Request` is one caller's work item: its input rows, how it is told the
+answer (a bare lock for `predict`, a `concurrent.futures.Future` for
+`submit`), its deadline, and once done its result or error and the weight
+version that produced it. `BatchQueue` is a bounded FIFO that the worker
+drains in batches of at most `max_rows` rows. Pure Python: no TensorFlow here,
+so the hot path of every request is a handful of attribute writes, one lock
+hold and one wake-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from keras_tandem.errors import Overloaded, PredictorClosed
+
+_now = time.perf_counter
+
+
+class Request:
+    """One caller's rows, waiting for an answer.
+
+    Exactly one of `waiter` (a held lock, released when the answer is ready)
+    and `future` is set. `more_follow` marks a chunk of a split request that
+    has further chunks queued right behind it: no weight swap may come
+    between them, so every chunk of one request sees one version.
+    """
+
+    __slots__ = (
+        "arrays", "rows", "single", "waiter", "future", "enqueued", "deadline",
+        "result", "error", "version", "abandoned", "more_follow", "with_version",
+    )
+
+    def __init__(self, arrays, rows, single, waiter, future, deadline, with_version=False,
+                 more_follow=False):
+        self.arrays = arrays
+        self.rows = rows
+        self.single = single
+        self.waiter = waiter
+        self.future = future
+        self.deadline = deadline
+        self.with_version = with_version
+        self.more_follow = more_follow
+        self.enqueued = 0.0
+        self.result = None
+        self.error = None
+        self.version = -1
+        self.abandoned = False  # the caller gave up (deadline): skip it
+
+    def finish(self, result: Any, version: int) -> None:
+        """Hands the answer to the caller (called by the worker)."""
+        self.version = version
+        if self.future is None:
+            self.result = result
+            self.waiter.release()
+        else:
+            self.future.set_result((result, version) if self.with_version else result)
+
+    def fail(self, error: BaseException) -> None:
+        """Hands an error to the caller (called by the worker)."""
+        if self.future is None:
+            self.error = error
+            self.waiter.release()
+        else:
+            self.future.set_exception(error)
+
+
+class BatchQueue:
+    """A bounded FIFO of requests, drained by one worker in batches.
+
+    Args:
+        capacity: most requests that may wait; `put` beyond it raises `Overloaded`.
+        max_rows: most rows in one batch.
+        max_delay_s: under load, how long the worker may wait for a batch to
+            fill. A request arriving at an idle worker never waits for it.
+    """
+
+    def __init__(self, capacity: int, max_rows: int, max_delay_s: float):
+        self.capacity = capacity
+        self.max_rows = max_rows
+        self.max_delay_s = max_delay_s
+        self._items: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._worker_waiting = False
+        self._closed = False
+        self._wake_requested = False
+        self._rows = 0  # rows queued in all
+        self.rejected = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, request: Request) -> None:
+        """Queues one request, or raises `Overloaded` / `PredictorClosed` at once."""
+        request.enqueued = _now()
+        with self._lock:
+            if self._closed:
+                raise PredictorClosed("The Predictor is closed and accepts no new requests.")
+            if len(self._items) >= self.capacity:
+                self.rejected += 1
+                raise Overloaded(
+                    f"The request queue is full ({self.capacity} requests waiting): "
+                    "retry later, or create the Predictor with a larger queue_size."
+                )
+            self._items.append(request)
+            self._rows += request.rows
+            if self._worker_waiting:
+                self._ready.notify()
+
+    def put_all(self, requests: list[Request]) -> None:
+        """Queues the chunks of one split request together, all or none."""
+        now = _now()
+        for r in requests:
+            r.enqueued = now
+        with self._lock:
+            if self._closed:
+                raise PredictorClosed("The Predictor is closed and accepts no new requests.")
+            if len(self._items) + len(requests) > self.capacity:
+                self.rejected += 1
+                raise Overloaded(
+                    f"The request queue cannot take {len(requests)} more chunks "
+                    f"({len(self._items)} of {self.capacity} places taken): retry later, "
+                    "or create the Predictor with a larger queue_size."
+                )
+            self._items.extend(requests)
+            self._rows += sum(r.rows for r in requests)
+            if self._worker_waiting:
+                self._ready.notify()
+
+    def wake(self) -> None:
+        """Makes a waiting `take` return, so the worker can do other work."""
+        with self._lock:
+            self._wake_requested = True
+            self._ready.notify()
+
+    def close(self) -> None:
+        """Refuses new requests; `take` keeps returning what is queued, then None."""
+        with self._lock:
+            self._closed = True
+            self._ready.notify()
+
+    def take(self, busy: bool) -> list[Request] | None:
+        """Blocks until requests are queued and returns a batch of them.
+
+        Args:
+            busy: whether the worker just ran a batch of several requests; only
+                then may it wait up to `max_delay_s` for the batch to fill.
+
+        Returns:
+            Requests in FIFO order with at most `max_rows` rows in all; an empty
+            list when woken by `wake()`; None once closed and drained.
+        """
+        items = self._items
+        with self._lock:
+            while not items:
+                if self._closed:
+                    return None
+                if self._wake_requested:
+                    self._wake_requested = False
+                    return []
+                self._worker_waiting = True
+                self._ready.wait()
+                self._worker_waiting = False
+            if busy and self.max_delay_s > 0 and not self._closed:
+                self._wait_to_fill(items)
+            self._wake_requested = False
+            return self._pop_batch(items)
+
+    def _wait_to_fill(self, items: collections.deque[Request]) -> None:
+        # Called with the lock held. Waits until max_rows are queued or the
+        # oldest request has waited max_delay_s, whichever comes first.
+        deadline = items[0].enqueued + self.max_delay_s
+        while self._rows < self.max_rows:
+            remaining = deadline - _now()
+            if remaining <= 0 or self._closed or self._wake_requested:
+                return
+            self._worker_waiting = True
+            self._ready.wait(remaining)
+            self._worker_waiting = False
+
+    def _pop_batch(self, items: collections.deque[Request]) -> list[Request]:
+        if self._rows <= self.max_rows:
+            batch = list(items)
+            items.clear()
+            self._rows = 0
+            return batch
+        batch = []
+        rows = 0
+        while items and rows + items[0].rows <= self.max_rows:
+            r = items.popleft()
+            rows += r.rows
+            batch.append(r)
+        self._rows -= rows
+        return batch

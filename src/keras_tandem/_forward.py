@@ -1,0 +1,184 @@
+"""The compiled forward pass and the serving copy of the weights.
+
+`CompiledForward` owns everything the Predictor's worker thread does with
+TensorFlow: an immutable snapshot of the model's variables (one weight
+version), the traced `stateless_call` that runs the model on them, the
+preallocated batch buffers and the batch-size buckets. It is created and used
+on the worker thread only (Keras marks the TensorFlow backend not
+thread-safe); tracing happens under a process-wide lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from keras_tandem._signature import InputSignature
+
+_TRACE_LOCK = threading.Lock()
+
+
+def bucket_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two up to `max_batch_size`, and `max_batch_size` itself."""
+    sizes = []
+    b = 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+def weight_layout(model: Any) -> list[tuple[bool, int]]:
+    """Where each of `model.weights` sits among the model's variables.
+
+    Returns:
+        For each weight, in the order of `model.get_weights()`: `(trainable,
+        index)` into `model.trainable_variables` or `model.non_trainable_variables`.
+    """
+    trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    non_trainable = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    layout = []
+    for w in model.weights:
+        if id(w) in trainable:
+            layout.append((True, trainable[id(w)]))
+        else:
+            layout.append((False, non_trainable[id(w)]))
+    return layout
+
+
+def _variable_value(v: Any) -> np.ndarray:
+    return np.array(v, copy=True)
+
+
+class CompiledForward:
+    """A model's forward pass, traced once, over a weight snapshot it owns.
+
+    Args:
+        model: a built Keras model.
+        signature: its `InputSignature`.
+        max_rows: the largest batch (rows) the worker will run.
+        jit_compile: compile with XLA (one trace per bucket) instead of one
+            shape-polymorphic trace.
+    """
+
+    def __init__(self, model: Any, signature: InputSignature, max_rows: int,
+                 jit_compile: bool = False):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.traces = 0
+        self.signature = signature
+        self.buckets = bucket_sizes(max_rows)
+        self.bucket_of = [0] * (max_rows + 1)
+        b = 0
+        for n in range(1, max_rows + 1):
+            while self.buckets[b] < n:
+                b += 1
+            self.bucket_of[n] = self.buckets[b]
+        self.buffers = [np.zeros((max_rows, *f.shape), f.dtype) for f in signature.fields]
+        self.layout = weight_layout(model)
+        self.weight_specs = [(tuple(w.shape), np.dtype(w.dtype)) for w in model.weights]
+        self.weight_names = [w.path for w in model.weights]
+
+        with _TRACE_LOCK:
+            trainable = [self._constant(_variable_value(v)) for v in model.trainable_variables]
+            non_trainable = [self._constant(_variable_value(v))
+                             for v in model.non_trainable_variables]
+            self._trainable, self._non_trainable = trainable, non_trainable
+
+            def forward(trainable, non_trainable, inputs):
+                self.traces += 1  # runs at trace time only
+                outputs, _ = model.stateless_call(trainable, non_trainable, inputs,
+                                                  training=False)
+                return outputs
+
+            fn = tf.function(forward, jit_compile=jit_compile)
+            weight_sig = ([tf.TensorSpec(t.shape, t.dtype) for t in trainable],
+                          [tf.TensorSpec(t.shape, t.dtype) for t in non_trainable])
+
+            def input_sig(rows):
+                return signature.pack([tf.TensorSpec((rows, *f.shape), f.dtype)
+                                       for f in signature.fields])
+
+            if jit_compile:
+                self._fns = {b: fn.get_concrete_function(*weight_sig, input_sig(b))
+                             for b in self.buckets}
+            else:
+                one = fn.get_concrete_function(*weight_sig, input_sig(None))
+                self._fns = {b: one for b in self.buckets}
+            self._output_structure = None
+            for b in self.buckets:  # warm up: first runs allocate and pick kernels
+                self.run(b)
+
+    def _constant(self, value: np.ndarray):
+        return self._tf.constant(value)
+
+    def run(self, bucket: int) -> list[np.ndarray]:
+        """Runs the first `bucket` rows of the batch buffers through the model.
+
+        Returns:
+            The model's outputs, flattened, as NumPy arrays of `bucket` rows.
+        """
+        inputs = self.signature.pack([buf[:bucket] for buf in self.buffers])
+        out = self._fns[bucket](self._trainable, self._non_trainable, inputs)
+        if self._output_structure is None:
+            self._output_structure = out
+        if isinstance(out, self._tf.Tensor):
+            return [out.numpy()]
+        return [t.numpy() for t in self._tf.nest.flatten(out)]
+
+    def pack_outputs(self, flat: Sequence[Any]) -> Any:
+        """Puts flat per-output values back in the structure the model returns."""
+        return self._tf.nest.pack_sequence_as(self._output_structure, list(flat))
+
+    @property
+    def single_output(self) -> bool:
+        return isinstance(self._output_structure, self._tf.Tensor)
+
+    def check_weights(self, arrays: Sequence[Any]) -> list[np.ndarray]:
+        """Checks arrays against the model's weights and copies them.
+
+        Safe to call from any thread (NumPy only).
+
+        Raises:
+            ValueError: if the count, a shape or a dtype does not fit.
+        """
+        arrays = list(arrays)
+        if len(arrays) != len(self.weight_specs):
+            raise ValueError(
+                f"update_weights got {len(arrays)} arrays, but the served model has "
+                f"{len(self.weight_specs)} weights ({self._describe_weights()}). Pass a model "
+                "of the same architecture or the list its get_weights() returns."
+            )
+        checked = []
+        for i, (a, (shape, dtype), name) in enumerate(
+                zip(arrays, self.weight_specs, self.weight_names)):
+            a = np.asarray(a)
+            if a.shape != shape:
+                raise ValueError(
+                    f"update_weights: weight {i} ('{name}') has shape {a.shape}, the served "
+                    f"model expects {shape}. Is the source the same architecture?"
+                )
+            if a.dtype.kind not in "fiub":
+                raise ValueError(
+                    f"update_weights: weight {i} ('{name}') has dtype {a.dtype}, not numeric."
+                )
+            checked.append(np.array(a, dtype=dtype, copy=True))
+        return checked
+
+    def set_weights(self, arrays: Sequence[np.ndarray]) -> None:
+        """Swaps in a new weight snapshot (worker thread, between batches)."""
+        trainable = list(self._trainable)
+        non_trainable = list(self._non_trainable)
+        for (is_trainable, index), value in zip(self.layout, arrays):
+            target = trainable if is_trainable else non_trainable
+            target[index] = self._constant(value)
+        self._trainable, self._non_trainable = trainable, non_trainable
+
+    def _describe_weights(self) -> str:
+        shown = [f"{n} {s}" for n, (s, _) in zip(self.weight_names, self.weight_specs)]
+        return ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")

@@ -1,0 +1,250 @@
+"""What a model takes as input, and checking a request against it.
+
+`InputSignature` owns the model's inputs: their names, per-example shapes and
+dtypes, and the structure (one tensor, a list or a dict) the model is called
+with. `InputSignature.parse` turns one request (an array, nested lists, a list
+or dict of those) into flat arrays of the right dtype, or raises
+`InvalidInputError` in the caller's thread. Pure NumPy: no TensorFlow here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_tandem.errors import InvalidInputError
+
+# Which NumPy dtype kinds can be cast sensibly into a model input of each kind,
+# the way Keras accepts them: integers and booleans into floats, booleans into
+# integers. Strings, objects, complex numbers and floats into integers are not.
+_CASTABLE_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b"}
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One model input: its name, per-example shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        batch = (None, *self.shape)
+        return f"shape {self.shape} (one example) or {batch} (a batch), dtype {self.dtype}"
+
+
+def _to_numpy_dtype(dtype: Any) -> np.dtype:
+    name = getattr(dtype, "name", dtype)
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and friends live in ml_dtypes
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, str(name)))
+
+
+def _field(name: str, shape: Sequence[Any], dtype: Any) -> InputField:
+    per_example = tuple(shape)[1:]
+    if any(d is None for d in per_example):
+        raise ValueError(
+            f"Input '{name}' has shape {tuple(shape)}: the Predictor batches requests together, "
+            "so every dimension but the batch one must be known. Build the model with a fixed "
+            "input shape, or pass `input_signature=keras.Input(shape=...)`."
+        )
+    return InputField(name, tuple(int(d) for d in per_example), _to_numpy_dtype(dtype))
+
+
+class InputSignature:
+    """The inputs of a model and the structure it is called with.
+
+    Args:
+        fields: one `InputField` per model input, in the model's order.
+        structure: `"single"`, `"list"` or `"dict"`: how the model takes them.
+    """
+
+    def __init__(self, fields: Sequence[InputField], structure: str):
+        if structure == "single" and len(fields) != 1:
+            raise ValueError("a single-input signature needs exactly one field")
+        self.fields = tuple(fields)
+        self.structure = structure
+        self._names = {f.name: i for i, f in enumerate(self.fields)}
+
+    @classmethod
+    def from_model(cls, model: Any, input_signature: Any = None) -> InputSignature:
+        """Reads the signature from `input_signature`, or else from the model.
+
+        Args:
+            model: a built Keras model (functional, Sequential or subclassed).
+            input_signature: optional `keras.Input` tensor(s) or `tf.TensorSpec`(s)
+                (with the batch dimension), as one, a list or a dict; needed only
+                for a subclassed model that was never called.
+
+        Returns:
+            The `InputSignature`.
+        """
+        spec = input_signature
+        if spec is None:
+            try:
+                spec = model.input  # functional and Sequential: KerasTensors
+            except (AttributeError, ValueError):
+                spec = None
+        if spec is None:
+            spec = cls._from_build_shapes(model)
+        return cls._from_structure(spec)
+
+    @staticmethod
+    def _from_build_shapes(model: Any) -> Any:
+        # A subclassed model remembers the shapes it was built with; this is
+        # the only place Keras keeps them.
+        shapes = getattr(model, "_build_shapes_dict", None)
+        if not shapes or len(shapes) != 1:
+            raise ValueError(
+                f"Cannot tell the input shape of {type(model).__name__}: call the model once "
+                "on example data, or pass `input_signature=keras.Input(shape=...)`."
+            )
+        (shape,) = shapes.values()
+        dtype = getattr(model, "input_dtype", None) or "float32"
+
+        def to_spec(s):
+            if isinstance(s, Mapping):
+                return {k: to_spec(v) for k, v in s.items()}
+            if isinstance(s, (list, tuple)) and s and isinstance(s[0], (list, tuple)):
+                return [to_spec(v) for v in s]
+            return _ShapeDtype((None, *tuple(s)[1:]), dtype)
+
+        return to_spec(shape)
+
+    @classmethod
+    def _from_structure(cls, spec: Any) -> InputSignature:
+        if isinstance(spec, Mapping):
+            fields = [_field(str(k), v.shape, v.dtype) for k, v in spec.items()]
+            return cls(fields, "dict")
+        if isinstance(spec, (list, tuple)):
+            fields = [
+                _field(getattr(v, "name", None) or f"input_{i}", v.shape, v.dtype)
+                for i, v in enumerate(spec)
+            ]
+            if len(fields) == 1 and not isinstance(spec, list):
+                return cls(fields, "single")
+            return cls(fields, "list")
+        return cls([_field(getattr(spec, "name", None) or "input", spec.shape, spec.dtype)],
+                   "single")
+
+    def pack(self, flat: Sequence[Any]) -> Any:
+        """Arranges flat per-input values in the structure the model is called with."""
+        if self.structure == "single":
+            return flat[0]
+        if self.structure == "dict":
+            return {f.name: v for f, v in zip(self.fields, flat)}
+        return list(flat)
+
+    def parse(self, x: Any) -> tuple[tuple[np.ndarray, ...], int, bool]:
+        """Checks one request and converts it to the model's dtypes.
+
+        Args:
+            x: one example or a batch: an array or nested lists for a
+                single-input model; a list or dict of those for several inputs.
+
+        Returns:
+            `(arrays, rows, single)`: one array per input, the number of rows,
+            and whether `x` was one example (answers then drop the batch axis).
+
+        Raises:
+            InvalidInputError: on any mismatch, naming the input and the problem.
+        """
+        values = self._split_inputs(x)
+        rows: int | None = None
+        single: bool | None = None
+        arrays = []
+        for field, value in zip(self.fields, values):
+            arr, n, one = self._parse_field(field, value)
+            if rows is not None and (n != rows or one != single):
+                raise InvalidInputError(
+                    f"Inputs disagree on the batch: input '{field.name}' has "
+                    f"{'one example' if one else f'{n} rows'}, while earlier inputs have "
+                    f"{'one example' if single else f'{rows} rows'}. Give every input the "
+                    "same number of rows."
+                )
+            rows, single = n, one
+            arrays.append(arr)
+        return tuple(arrays), rows, single
+
+    def _split_inputs(self, x: Any) -> list[Any]:
+        names = [f.name for f in self.fields]
+        if isinstance(x, Mapping):
+            unknown = [k for k in x if k not in self._names]
+            if unknown:
+                raise InvalidInputError(
+                    f"Unknown input name(s) {unknown}: the model's inputs are {names}."
+                )
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise InvalidInputError(
+                    f"Missing input(s) {missing}: the model's inputs are {names}; "
+                    f"got {sorted(map(str, x))}."
+                )
+            return [x[n] for n in names]
+        if len(self.fields) == 1:
+            if isinstance(x, (list, tuple)) and len(x) == 1 and self.structure != "single":
+                return [x[0]]
+            return [x]
+        if self.structure == "dict":
+            raise InvalidInputError(
+                f"This model takes named inputs {names}: pass a dict, got {type(x).__name__}."
+            )
+        if not isinstance(x, (list, tuple)) or len(x) != len(self.fields):
+            got = f"{type(x).__name__} of length {len(x)}" if isinstance(x, (list, tuple)) \
+                else type(x).__name__
+            raise InvalidInputError(
+                f"This model takes {len(self.fields)} inputs {names}: pass a list of "
+                f"{len(self.fields)} arrays or a dict keyed by input name; got {got}."
+            )
+        return list(x)
+
+    @staticmethod
+    def _parse_field(field: InputField, value: Any) -> tuple[np.ndarray, int, bool]:
+        if value is None:
+            raise InvalidInputError(
+                f"Input '{field.name}' is None: expected {field.describe()}."
+            )
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise InvalidInputError(
+                f"Input '{field.name}' is not a rectangular array (ragged nested lists?): "
+                f"expected {field.describe()}. NumPy said: {e}"
+            ) from None
+        kind = arr.dtype.kind
+        if kind not in _CASTABLE_KINDS.get(field.dtype.kind, field.dtype.kind):
+            what = {"U": "strings", "S": "bytes", "O": "Python objects (ragged lists or None?)",
+                    "c": "complex numbers", "V": "raw records", "M": "datetimes",
+                    "m": "timedeltas"}.get(kind, f"{arr.dtype} values")
+            raise InvalidInputError(
+                f"Input '{field.name}' got {what} (dtype {arr.dtype}, shape {arr.shape}), which "
+                f"cannot be cast to the model's dtype {field.dtype}: expected {field.describe()}."
+            )
+        shape = arr.shape
+        if shape == field.shape:
+            one, rows = True, 1
+        elif len(shape) == len(field.shape) + 1 and shape[1:] == field.shape and shape[0] >= 1:
+            one, rows = False, shape[0]
+        else:
+            hint = "an empty batch" if shape[:1] == (0,) else f"shape {shape}"
+            raise InvalidInputError(
+                f"Input '{field.name}' got {hint} ({arr.dtype}): expected {field.describe()}. "
+                f"Pass one example of shape {field.shape} or a batch (n, "
+                f"{', '.join(map(str, field.shape))})."
+            )
+        if arr.dtype != field.dtype:
+            arr = arr.astype(field.dtype)
+        return arr, rows, one
+
+
+@dataclass(frozen=True)
+class _ShapeDtype:
+    shape: tuple
+    dtype: Any
+    name: str | None = None

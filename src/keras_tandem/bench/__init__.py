@@ -1,0 +1,6 @@
+"""`tandem bench` scenarios: each technique side by side with its baselines.
+
+Each scenario module exposes `add_arguments(parser)` and `run(args) -> int`;
+`_report` prints the table and the named ratio lines and writes `--json` and
+`--plot` output the same way for all of them.
+"""

@@ -1,0 +1,449 @@
+"""`Predictor`: predictions from any number of threads, batched.
+
+Separation of concerns:
+- `Predictor` (this module) is the public face: it checks each request in the
+  caller's thread, queues it, waits for the answer with a deadline, and owns
+  the worker thread and its lifecycle (`close`, context manager).
+- `_batching.BatchQueue` holds queued requests and hands the worker batches.
+- `_forward.CompiledForward` owns TensorFlow: the traced forward pass, the
+  serving copy of the weights (one version per batch) and the batch buffers.
+- `_signature.InputSignature` knows the model's inputs and validates requests.
+- `_stats.ServingStats` counts what `stats()` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+import weakref
+from _thread import allocate_lock
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from keras_tandem._batching import BatchQueue, Request
+from keras_tandem._signature import InputSignature
+from keras_tandem._stats import ServingStats
+from keras_tandem.errors import PredictionFailed, PredictorClosed
+
+_now = time.perf_counter
+_LIVE: weakref.WeakSet[Predictor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # No worker thread may outlive the interpreter's teardown of TensorFlow.
+    for p in list(_LIVE):
+        p.close(timeout_s=5.0)
+
+
+class Predictor:
+    """Serves a Keras model's predictions to any number of threads, in batches.
+
+    Requests from all callers are coalesced into batches of at most
+    `max_batch_size` rows and run through one compiled forward pass on a
+    thread the Predictor owns. Every answer is computed with exactly one
+    weight version, which `predict(..., return_version=True)` reports.
+
+    Args:
+        model: a built Keras model (functional, Sequential or subclassed).
+            The Predictor takes its own copy of the weights: training the
+            model afterwards changes no answer until `update_weights`.
+        max_batch_size: most rows in one forward pass; larger requests are
+            split transparently.
+        max_delay_ms: under load, how long the worker may wait for a batch to
+            fill. A lone request on an idle Predictor runs at once.
+        queue_size: most requests that may wait; beyond it `Overloaded` is
+            raised at once.
+        timeout_s: how long a caller waits for an answer (and
+            `update_weights` for its swap) before `TimeoutError`.
+        jit_compile: compile the forward pass with XLA (off by default: XLA
+            drops runtime assertions, and its fixed shapes cost padding).
+        input_signature: `keras.Input` tensor(s) or `tf.TensorSpec`(s) with
+            the batch dimension; needed only for a subclassed model that
+            was never called.
+
+    Example:
+
+    ```python
+    with Predictor(model, max_batch_size=256) as p:
+        y = p.predict(x)                        # from any thread
+        y, version = p.predict(x, return_version=True)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch_size: int = 256,
+        max_delay_ms: float = 0.5,
+        queue_size: int = 4096,
+        timeout_s: float = 30.0,
+        *,
+        jit_compile: bool = False,
+        input_signature: Any = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}.")
+        if timeout_s is None or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s}.")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}.")
+        self.max_batch_size = int(max_batch_size)
+        self.timeout_s = float(timeout_s)
+        self._signature = InputSignature.from_model(model, input_signature)
+        self._fast_field = self._signature.fields[0] if len(self._signature.fields) == 1 \
+            and self._signature.structure == "single" else None
+        self._queue = BatchQueue(queue_size, self.max_batch_size, max_delay_ms / 1e3)
+        self._stats = ServingStats()
+        self._version = 0
+        self._swaps: list[tuple[list[np.ndarray], Future]] = []
+        self._swap_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._closed = False
+        self._forward = None
+        started: Future = Future()
+        self._worker = threading.Thread(
+            target=self._serve, args=(model, jit_compile, started),
+            name="keras-tandem-predictor", daemon=True,
+        )
+        self._worker.start()
+        started.result()  # tracing errors surface here, in the constructor
+        _LIVE.add(self)
+
+    # ----------------------------------------------------------------- callers
+
+    @property
+    def version(self) -> int:
+        """The weight version now served: 0 at start, +1 per `update_weights`."""
+        return self._version
+
+    def predict(self, x: Any, *, return_version: bool = False) -> Any:
+        """Predicts for one example or a batch; blocks until the answer is ready.
+
+        Args:
+            x: one example (the model's input shape without the batch axis)
+                or a batch (leading axis n >= 1): a NumPy array or nested
+                lists; a list or dict of those for a multi-input model.
+            return_version: also return the weight version that answered.
+
+        Returns:
+            The outputs, in the structure the model returns, without the
+            batch axis for one example; `(outputs, version)` with
+            `return_version=True`.
+
+        Raises:
+            InvalidInputError: `x` does not fit the model (this request only).
+            Overloaded: the queue is full.
+            PredictorClosed: the Predictor was closed.
+            TimeoutError: no answer within `timeout_s`.
+            PredictionFailed: the forward pass failed on this request's batch.
+        """
+        arrays, rows, single = self._parse(x)
+        deadline = _now() + self.timeout_s
+        if rows > self.max_batch_size:
+            futures = self._put_chunks(arrays, rows, deadline)
+            result, version = self._gather(futures, deadline)
+        else:
+            waiter = allocate_lock()
+            waiter.acquire()
+            request = Request(arrays, rows, single, waiter, None, deadline)
+            self._queue.put(request)
+            if not waiter.acquire(True, self.timeout_s):
+                request.abandoned = True
+                raise self._timeout_error()
+            if request.error is not None:
+                raise request.error
+            result, version = request.result, request.version
+        return (result, version) if return_version else result
+
+    def submit(self, x: Any, *, return_version: bool = False) -> Future:
+        """Queues a prediction and returns at once.
+
+        Args:
+            x: as for `predict`.
+            return_version: the future then resolves to `(outputs, version)`.
+
+        Returns:
+            A `concurrent.futures.Future` of what `predict` returns. Input
+            errors, `Overloaded` and `PredictorClosed` are raised here, not
+            through the future.
+        """
+        arrays, rows, single = self._parse(x)
+        deadline = _now() + self.timeout_s
+        future: Future = Future()
+        if rows <= self.max_batch_size:
+            self._queue.put(Request(arrays, rows, single, None, future, deadline,
+                                    with_version=return_version))
+            return future
+        chunks = self._put_chunks(arrays, rows, deadline)
+        remaining = [len(chunks)]
+        lock = threading.Lock()
+
+        def chunk_done(_):
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                result, version = self._gather(chunks, deadline)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's future
+                future.set_exception(e)
+            else:
+                future.set_result((result, version) if return_version else result)
+
+        for c in chunks:
+            c.add_done_callback(chunk_done)
+        return future
+
+    async def apredict(self, x: Any, *, return_version: bool = False) -> Any:
+        """`predict` for asyncio: awaits the answer without blocking the loop."""
+        return await asyncio.wrap_future(self.submit(x, return_version=return_version))
+
+    def update_weights(self, source: Any) -> int:
+        """Swaps in new weights between two batches and returns their version.
+
+        The weights are read in the caller's thread (so a training thread
+        that calls this between steps hands over a consistent snapshot) and
+        copied: later changes to `source` do not affect answers.
+
+        Args:
+            source: a Keras model of the same architecture, or a list of
+                arrays like `model.get_weights()`.
+
+        Returns:
+            The new version number; every answer computed from now on
+            reports it (or a later one).
+
+        Raises:
+            ValueError: the weights do not fit the served model.
+            PredictorClosed: the Predictor was closed.
+            TimeoutError: the worker did not swap within `timeout_s`.
+        """
+        arrays = source.get_weights() if hasattr(source, "get_weights") else source
+        checked = self._forward.check_weights(arrays)
+        done: Future = Future()
+        with self._swap_lock:
+            if self._closed:
+                raise PredictorClosed("The Predictor is closed: it takes no new weights.")
+            self._swaps.append((checked, done))
+        self._queue.wake()
+        try:
+            return done.result(self.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"update_weights: the worker did not swap the weights in within "
+                f"timeout_s={self.timeout_s} s (is a forward pass stuck?)."
+            ) from None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start.
+
+        Returns:
+            A dict with `requests` (answered), `batches`, `mean_batch_size`
+            (rows per batch), `p50_latency_ms` and `p99_latency_ms` (queueing
+            and forward pass, over recent requests), `queue_depth`,
+            `rejected` (`Overloaded`), `errors` (failed requests of any
+            kind), `invalid_inputs`, `timeouts`, `version` and `traces`
+            (forward-pass traces since start; constant after warm-up).
+        """
+        s = self._stats.snapshot()
+        s["queue_depth"] = len(self._queue)
+        s["rejected"] = self._queue.rejected
+        s["errors"] = self._stats.errors + self._stats.invalid + self._stats.timeouts
+        s["version"] = self._version
+        s["traces"] = self._forward.traces if self._forward else 0
+        return s
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stops intake, answers every queued request, and joins the worker.
+
+        Idempotent. New requests raise `PredictorClosed`; queued ones are
+        still answered.
+
+        Args:
+            timeout_s: how long to wait for the queue to drain (default
+                `timeout_s` of the Predictor).
+        """
+        with self._swap_lock:
+            self._closed = True
+        self._queue.close()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(self.timeout_s if timeout_s is None else timeout_s)
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "serving"
+        return (f"<Predictor {state} version={self._version} "
+                f"max_batch_size={self.max_batch_size} inputs={[f.name for f in self._signature.fields]}>")
+
+    # ------------------------------------------------------- caller-side help
+
+    def _parse(self, x: Any) -> tuple[tuple[np.ndarray, ...], int, bool]:
+        f = self._fast_field
+        if f is not None and type(x) is np.ndarray and x.dtype == f.dtype:
+            # Fast path: the common request needs no conversion.
+            if x.shape == f.shape:
+                return (x[None],), 1, True
+            if x.shape[1:] == f.shape and x.ndim == len(f.shape) + 1 and x.shape[0] >= 1:
+                return (x,), x.shape[0], False
+        try:
+            arrays, rows, single = self._signature.parse(x)
+        except ValueError:
+            with self._count_lock:
+                self._stats.invalid += 1
+            raise
+        if single:
+            arrays = tuple(a[None] for a in arrays)
+        return arrays, rows, single
+
+    def _put_chunks(self, arrays, rows: int, deadline: float) -> list[Future]:
+        step = self.max_batch_size
+        starts = range(0, rows, step)
+        futures = [Future() for _ in starts]
+        chunks = [
+            Request(tuple(a[s:s + step] for a in arrays), min(step, rows - s), False, None,
+                    f, deadline, with_version=True, more_follow=s + step < rows)
+            for s, f in zip(starts, futures)
+        ]
+        self._queue.put_all(chunks)
+        return futures
+
+    def _gather(self, futures: list[Future], deadline: float) -> tuple[Any, int]:
+        import keras
+
+        results = []
+        for f in futures:
+            try:
+                results.append(f.result(max(0.0, deadline - _now())))
+            except TimeoutError:
+                for g in futures:
+                    g.cancel()
+                raise self._timeout_error() from None
+        version = results[0][1]
+        combined = keras.tree.map_structure(lambda *parts: np.concatenate(parts),
+                                            *[r for r, _ in results])
+        return combined, version
+
+    def _timeout_error(self) -> TimeoutError:
+        with self._count_lock:
+            self._stats.timeouts += 1
+        return TimeoutError(
+            f"No prediction within timeout_s={self.timeout_s} s: the request waited in a "
+            f"queue of {len(self._queue)} behind a busy worker. Raise timeout_s, add capacity, "
+            "or send less load."
+        )
+
+    # ------------------------------------------------------------ the worker
+
+    def _serve(self, model: Any, jit_compile: bool, started: Future) -> None:
+        from keras_tandem._forward import CompiledForward
+
+        try:
+            self._forward = CompiledForward(model, self._signature, self.max_batch_size,
+                                            jit_compile)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        busy = False
+        swap_blocked = False
+        while True:
+            if self._swaps and not swap_blocked:
+                self._apply_swaps()
+            batch = self._queue.take(busy)
+            if batch is None:
+                break
+            if not batch:
+                continue
+            swap_blocked = batch[-1].more_follow
+            busy = len(batch) > 1
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # noqa: BLE001 - a bug here must not strand callers
+                for r in batch:
+                    r.fail(e)
+        self._apply_swaps()
+        with self._swap_lock:
+            for _, done in self._swaps:
+                done.set_exception(PredictorClosed("The Predictor closed before the swap."))
+            self._swaps.clear()
+
+    def _apply_swaps(self) -> None:
+        with self._swap_lock:
+            swaps, self._swaps = self._swaps, []
+        if not swaps:
+            return
+        try:
+            self._forward.set_weights(swaps[-1][0])  # only the newest is ever served
+        except BaseException as e:  # noqa: BLE001 - handed to update_weights' callers
+            for _, done in swaps:
+                done.set_exception(e)
+            return
+        for _, done in swaps:
+            self._version += 1
+            done.set_result(self._version)
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        now = _now()
+        live = []
+        for r in batch:
+            if r.future is None:
+                if not r.abandoned:
+                    live.append(r)
+            elif r.deadline < now:
+                r.future.set_exception(self._timeout_error())
+            elif r.future.set_running_or_notify_cancel():
+                live.append(r)
+        if not live:
+            return
+        forward = self._forward
+        rows = 0
+        for r in live:
+            rows += r.rows
+        bucket = forward.bucket_of[rows]
+        for k, buf in enumerate(forward.buffers):
+            np.concatenate([r.arrays[k] for r in live], axis=0, out=buf[:rows])
+            if rows < bucket:
+                buf[rows:bucket] = 0  # padding rows are zeros, never stale rows
+        version = self._version
+        try:
+            outputs = forward.run(bucket)
+        except Exception as e:  # noqa: BLE001 - fails this batch only
+            message = (f"The model's forward pass failed on a batch of {len(live)} "
+                       f"request(s), {rows} row(s), weight version {version}: "
+                       f"{type(e).__name__}: {e}")
+            self._stats.errors += len(live)
+            for r in live:  # one exception object per caller: each raises its own
+                error = PredictionFailed(message)
+                error.__cause__ = e
+                r.fail(error)
+            return
+        pos = 0
+        if forward.single_output:
+            out = outputs[0]
+            for r in live:
+                n = r.rows
+                r.finish(out[pos] if r.single else out[pos:pos + n], version)
+                pos += n
+        else:
+            pack = forward.pack_outputs
+            for r in live:
+                n = r.rows
+                r.finish(pack([o[pos] if r.single else o[pos:pos + n] for o in outputs]),
+                         version)
+                pos += n
+        done = _now()
+        self._stats.record_batch(len(live), rows,
+                                 done - np.fromiter((r.enqueued for r in live), float, len(live)))
