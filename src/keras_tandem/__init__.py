@@ -1,7 +1,18 @@
-"""keras-tandem: train a Keras model and predict with it from many threads at once."""
+"""keras-tandem: train a Keras model and predict with it from many threads at once.
+
+`PublishWeights` and `train_in_background` import Keras and TensorFlow, so
+they load on first use: `import keras_tandem` (and `tandem --help`) stay fast.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
 from keras_tandem.predictor import Predictor
+
+if TYPE_CHECKING:
+    from keras_tandem.server import serve
+    from keras_tandem.training import TrainingProgress, TrainingRun, train_in_background
+    from keras_tandem.weights import PublishWeights
 
 __all__ = [
     "InvalidInputError",
@@ -9,5 +20,32 @@ __all__ = [
     "PredictionFailed",
     "Predictor",
     "PredictorClosed",
+    "PublishWeights",
+    "TrainingProgress",
+    "TrainingRun",
+    "serve",
+    "train_in_background",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "PublishWeights": "keras_tandem.weights",
+    "TrainingProgress": "keras_tandem.training",
+    "TrainingRun": "keras_tandem.training",
+    "train_in_background": "keras_tandem.training",
+    "serve": "keras_tandem.server",  # imports aiohttp
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'keras_tandem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any
 
 from keras_tandem.errors import Overloaded, PredictorClosed
@@ -32,8 +31,19 @@ class Request:
     """
 
     __slots__ = (
-        "arrays", "rows", "single", "waiter", "future", "enqueued", "deadline",
-        "result", "error", "version", "abandoned", "more_follow", "with_version",
+        "abandoned",
+        "arrays",
+        "deadline",
+        "enqueued",
+        "error",
+        "future",
+        "more_follow",
+        "result",
+        "rows",
+        "single",
+        "version",
+        "waiter",
+        "with_version",
     )
 
     def __init__(self, arrays, rows, single, waiter, future, deadline, with_version=False,

@@ -10,8 +10,9 @@ thread-safe); tracing happens under a process-wide lock.
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,42 @@ def _variable_value(v: Any) -> np.ndarray:
     return np.array(v, copy=True)
 
 
+def _accepts_training(model: Any) -> bool:
+    params = inspect.signature(model.call).parameters
+    return "training" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _flat_caller(fn: Any) -> Callable[[list[Any]], list[Any]]:
+    """A fast caller of a concrete function on a flat list of tensors.
+
+    The public `ConcreteFunction.__call__` re-checks the nested structure of
+    the arguments on every call, which costs 100-250 us here: as much as the
+    forward pass of a small model. `_call_flat` skips that; the arguments are
+    built by us, in the traced order, so the check would never fail. Where a
+    TensorFlow release lacks it, fall back to the public call.
+    """
+    import tensorflow as tf
+
+    call_flat = getattr(fn, "_call_flat", None)
+    captured = list(getattr(fn, "captured_inputs", ()))
+    if call_flat is not None:
+        flatten, tensor = tf.nest.flatten, tf.Tensor
+
+        def call(args):
+            out = call_flat(args, captured)  # packed in the outputs' structure
+            return [out] if isinstance(out, tensor) else flatten(out)
+
+        return call
+
+    spec = fn.structured_input_signature[0]
+
+    def call_public(args):
+        return tf.nest.flatten(fn(*tf.nest.pack_sequence_as(spec, args)))
+
+    return call_public
+
+
 class CompiledForward:
     """A model's forward pass, traced once, over a weight snapshot it owns.
 
@@ -90,10 +127,13 @@ class CompiledForward:
                              for v in model.non_trainable_variables]
             self._trainable, self._non_trainable = trainable, non_trainable
 
+            # stateless_call hands `training` straight to call(), which need not take it.
+            call_kwargs = {"training": False} if _accepts_training(model) else {}
+
             def forward(trainable, non_trainable, inputs):
                 self.traces += 1  # runs at trace time only
                 outputs, _ = model.stateless_call(trainable, non_trainable, inputs,
-                                                  training=False)
+                                                  **call_kwargs)
                 return outputs
 
             fn = tf.function(forward, jit_compile=jit_compile)
@@ -105,12 +145,17 @@ class CompiledForward:
                                        for f in signature.fields])
 
             if jit_compile:
-                self._fns = {b: fn.get_concrete_function(*weight_sig, input_sig(b))
-                             for b in self.buckets}
+                fns = {b: fn.get_concrete_function(*weight_sig, input_sig(b))
+                       for b in self.buckets}
             else:
                 one = fn.get_concrete_function(*weight_sig, input_sig(None))
-                self._fns = {b: one for b in self.buckets}
-            self._output_structure = None
+                fns = {b: one for b in self.buckets}
+            self._calls = {b: _flat_caller(f) for b, f in fns.items()}
+            self._output_structure = fns[self.buckets[0]].structured_outputs
+            self._flat_weights = [*trainable, *non_trainable]
+            # The traced function takes inputs flattened as tf.nest does (dict
+            # keys sorted), which need not be the model's order of inputs.
+            self._input_order = tf.nest.flatten(signature.pack(list(range(len(self.buffers)))))
             for b in self.buckets:  # warm up: first runs allocate and pick kernels
                 self.run(b)
 
@@ -123,13 +168,10 @@ class CompiledForward:
         Returns:
             The model's outputs, flattened, as NumPy arrays of `bucket` rows.
         """
-        inputs = self.signature.pack([buf[:bucket] for buf in self.buffers])
-        out = self._fns[bucket](self._trainable, self._non_trainable, inputs)
-        if self._output_structure is None:
-            self._output_structure = out
-        if isinstance(out, self._tf.Tensor):
-            return [out.numpy()]
-        return [t.numpy() for t in self._tf.nest.flatten(out)]
+        constant = self._tf.constant
+        buffers = self.buffers
+        args = [*self._flat_weights, *(constant(buffers[i][:bucket]) for i in self._input_order)]
+        return [t.numpy() for t in self._calls[bucket](args)]
 
     def pack_outputs(self, flat: Sequence[Any]) -> Any:
         """Puts flat per-output values back in the structure the model returns."""
@@ -137,7 +179,8 @@ class CompiledForward:
 
     @property
     def single_output(self) -> bool:
-        return isinstance(self._output_structure, self._tf.Tensor)
+        """Whether the model returns one tensor (not a list or dict)."""
+        return not self._tf.nest.is_nested(self._output_structure)
 
     def check_weights(self, arrays: Sequence[Any]) -> list[np.ndarray]:
         """Checks arrays against the model's weights and copies them.
@@ -178,6 +221,7 @@ class CompiledForward:
             target = trainable if is_trainable else non_trainable
             target[index] = self._constant(value)
         self._trainable, self._non_trainable = trainable, non_trainable
+        self._flat_weights = [*trainable, *non_trainable]
 
     def _describe_weights(self) -> str:
         shown = [f"{n} {s}" for n, (s, _) in zip(self.weight_names, self.weight_specs)]

@@ -32,8 +32,9 @@ class InputField:
     dtype: np.dtype
 
     def describe(self) -> str:
-        batch = (None, *self.shape)
-        return f"shape {self.shape} (one example) or {batch} (a batch), dtype {self.dtype}"
+        """Says what this input accepts, for error messages."""
+        batch = "(" + ", ".join(["n", *map(str, self.shape)]) + ")"
+        return f"one example of shape {self.shape} or a batch of shape {batch}, {self.dtype}"
 
 
 def _to_numpy_dtype(dtype: Any) -> np.dtype:
@@ -124,14 +125,12 @@ class InputSignature:
             return cls(fields, "dict")
         if isinstance(spec, (list, tuple)):
             fields = [
-                _field(getattr(v, "name", None) or f"input_{i}", v.shape, v.dtype)
-                for i, v in enumerate(spec)
+                _field(_name_of(v, f"input_{i}"), v.shape, v.dtype) for i, v in enumerate(spec)
             ]
             if len(fields) == 1 and not isinstance(spec, list):
                 return cls(fields, "single")
             return cls(fields, "list")
-        return cls([_field(getattr(spec, "name", None) or "input", spec.shape, spec.dtype)],
-                   "single")
+        return cls([_field(_name_of(spec, "input"), spec.shape, spec.dtype)], "single")
 
     def pack(self, flat: Sequence[Any]) -> Any:
         """Arranges flat per-input values in the structure the model is called with."""
@@ -234,13 +233,16 @@ class InputSignature:
         else:
             hint = "an empty batch" if shape[:1] == (0,) else f"shape {shape}"
             raise InvalidInputError(
-                f"Input '{field.name}' got {hint} ({arr.dtype}): expected {field.describe()}. "
-                f"Pass one example of shape {field.shape} or a batch (n, "
-                f"{', '.join(map(str, field.shape))})."
+                f"Input '{field.name}' got {hint} ({arr.dtype}): expected {field.describe()}."
             )
         if arr.dtype != field.dtype:
             arr = arr.astype(field.dtype)
         return arr, rows, one
+
+
+def _name_of(spec: Any, default: str) -> str:
+    name = getattr(spec, "name", None) or default
+    return default if name.startswith("keras_tensor") else name
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import sys
 # Scenario name -> module in keras_tandem.bench exposing add_arguments() and run().
 BENCHES = {
     "predict": "keras_tandem.bench.predict",
+    "http": "keras_tandem.bench.http",
 }
 
 # Other subcommands -> module exposing add_arguments() and run().
 COMMANDS = {
     "demo": ("keras_tandem.demo", "train a model in the background while threads predict"),
+    "serve": ("keras_tandem.server.cli", "serve a model over HTTP (TF Serving's REST API)"),
 }
 
 

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
+if not console.is_terminal:  # piped output: wide enough for the tables
+    console = Console(highlight=False, width=150)
 
 
 def machine_info() -> dict[str, Any]:

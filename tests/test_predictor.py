@@ -1,0 +1,433 @@
+"""Behaviour of `Predictor`: answers, batching, versions, errors, lifecycle."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_tandem import (
+    InvalidInputError,
+    Overloaded,
+    PredictionFailed,
+    Predictor,
+    PredictorClosed,
+)
+
+
+def mlp(seed=0, n_in=8, n_out=4):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((n_in,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(n_out),
+    ])
+
+
+def reference(model, x):
+    return keras.ops.convert_to_numpy(model(np.asarray(x, np.float32), training=False))
+
+
+class GatedModel(keras.Model):
+    """A model whose forward pass blocks until `gate` is set: a stuck worker on demand."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+        self.gate = gate
+
+    def call(self, x):
+        y = self.dense(x)
+
+        def wait(a):
+            self.gate.wait(20)
+            return a
+
+        out = tf.numpy_function(wait, [y], tf.float32, stateful=True)
+        out.set_shape(y.shape)
+        return out
+
+
+@pytest.fixture
+def gated():
+    gate = threading.Event()
+    gate.set()
+    model = GatedModel(gate)
+    model(np.zeros((1, 3), np.float32))
+    return model, gate
+
+
+def test_answers_equal_model_from_64_threads():
+    model = mlp()
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(64 * 20, 8)).astype(np.float32)
+    expected = reference(model, xs)
+    with Predictor(model, max_batch_size=32) as p:
+        def worker(i):
+            return [p.predict(xs[j]) for j in range(i, len(xs), 64)]
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(worker, range(64)))
+        stats = p.stats()
+    for i, answers in enumerate(results):
+        np.testing.assert_allclose(np.stack(answers), expected[i::64], rtol=1e-5, atol=1e-5)
+    assert stats["requests"] == len(xs)
+    assert stats["batches"] <= stats["requests"]
+    assert stats["errors"] == 0
+
+
+def test_single_example_and_batch_shapes_and_lists():
+    model = mlp()
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    with Predictor(model, max_batch_size=4) as p:
+        one = p.predict(x)
+        assert one.shape == (4,)
+        np.testing.assert_allclose(one, reference(model, x[None])[0], rtol=1e-5, atol=1e-6)
+        batch = p.predict(np.stack([x, -x, 2 * x]))
+        assert batch.shape == (3, 4)
+        as_list = p.predict(x.tolist())
+        np.testing.assert_allclose(as_list, one, rtol=1e-6)
+        as_nested = p.predict([x.tolist(), (-x).tolist()])
+        assert as_nested.shape == (2, 4)
+        # float64, integers and booleans are cast, as Keras accepts them
+        p.predict(x.astype(np.float64))
+        p.predict(np.arange(8))
+        p.predict(np.ones(8, bool))
+
+
+def test_batch_larger_than_max_batch_size_is_split_in_order():
+    model = mlp()
+    xs = np.random.default_rng(1).normal(size=(37, 8)).astype(np.float32)
+    with Predictor(model, max_batch_size=8) as p:
+        out, version = p.predict(xs, return_version=True)
+        fut = p.submit(xs, return_version=True)
+        out2, version2 = fut.result(10)
+    np.testing.assert_allclose(out, reference(model, xs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out2, out, rtol=1e-6)
+    assert version == version2 == 0
+
+
+def test_multi_input_multi_output_dict_and_list():
+    keras.utils.set_random_seed(3)
+    a = keras.Input((3,), name="a")
+    b = keras.Input((2, 2), name="b")
+    h = keras.layers.Concatenate()([a, keras.layers.Flatten()(b)])
+    model = keras.Model({"a": a, "b": b},
+                        {"score": keras.layers.Dense(1)(h), "probs": keras.layers.Dense(5)(h)})
+    xa = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    xb = np.random.default_rng(1).normal(size=(6, 2, 2)).astype(np.float32)
+    expected = model({"a": xa, "b": xb}, training=False)
+    with Predictor(model, max_batch_size=4) as p:
+        out = p.predict({"b": xb, "a": xa})
+        one = p.predict({"a": xa[2], "b": xb[2].tolist()})
+    assert set(out) == {"score", "probs"}
+    assert out["probs"].shape == (6, 5) and one["score"].shape == (1,)
+    np.testing.assert_allclose(out["probs"], expected["probs"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["score"], expected["score"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one["probs"], expected["probs"][2], rtol=1e-5, atol=1e-5)
+
+    model2 = keras.Model([a, b], [keras.layers.Dense(2)(h), keras.layers.Dense(3)(h)])
+    with Predictor(model2) as p:
+        out = p.predict([xa, xb])
+        by_name = p.predict({"a": xa[0], "b": xb[0]})
+    assert isinstance(out, list) and [o.shape for o in out] == [(6, 2), (6, 3)]
+    expected = model2([xa, xb], training=False)
+    np.testing.assert_allclose(out[1], expected[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(by_name[0], expected[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_subclassed_model():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = keras.layers.Dense(5, activation="tanh")
+            self.d2 = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    model = Sub()
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    model(x)
+    with Predictor(model) as p:
+        np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-6)
+        assert p.predict(x[0]).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        (np.zeros(7, np.float32), "(8,)"),                  # wrong shape
+        (np.zeros((2, 3, 8), np.float32), "(2, 3, 8)"),     # wrong rank
+        (np.zeros((0, 8), np.float32), "empty batch"),
+        (["a"] * 8, "strings"),
+        (np.zeros(8, complex), "complex"),
+        ([[1.0] * 8, [1.0] * 7], "ragged"),
+        (None, "None"),
+        ([object()] * 8, "objects"),
+    ],
+)
+def test_bad_input_fails_only_its_own_request(bad, fragment):
+    model = mlp()
+    good = np.ones(8, np.float32)
+    with Predictor(model) as p:
+        with ThreadPoolExecutor(8) as pool:
+            goods = [pool.submit(p.predict, good) for _ in range(16)]
+            with pytest.raises(InvalidInputError) as info:
+                p.predict(bad)
+            answers = [f.result(10) for f in goods]
+        assert p.stats()["invalid_inputs"] == 1
+    message = str(info.value)
+    assert fragment in message
+    assert "Input 'input'" in message  # names the input
+    assert "(8,)" in message and "float32" in message  # says what was expected
+    assert isinstance(info.value, ValueError)
+    for a in answers:
+        np.testing.assert_allclose(a, reference(model, good[None])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_named_inputs():
+    a = keras.Input((2,), name="a")
+    b = keras.Input((2,), name="b")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Add()([a, b]))
+    with Predictor(model) as p:
+        with pytest.raises(InvalidInputError, match=r"Missing input.*'b'"):
+            p.predict({"a": [1.0, 2.0]})
+        with pytest.raises(InvalidInputError, match=r"Unknown input.*'c'"):
+            p.predict({"a": [1.0, 2.0], "b": [1.0, 2.0], "c": [0.0, 0.0]})
+        with pytest.raises(InvalidInputError, match="disagree"):
+            p.predict({"a": [[1.0, 2.0]], "b": [1.0, 2.0]})
+        np.testing.assert_allclose(p.predict({"a": [1.0, 2.0], "b": [3.0, 4.0]}), [4.0, 6.0])
+
+
+def test_nan_passes_through():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.ones(8, np.float32)
+    x[3] = np.nan
+    with Predictor(model) as p:
+        assert np.isnan(p.predict(x)).all()  # not rejected: NaN is a valid float
+
+
+def test_overloaded_at_once_when_queue_full(gated):
+    model, gate = gated
+    with Predictor(model, max_batch_size=1, queue_size=2, timeout_s=20) as p:
+        gate.clear()
+        first = p.submit(np.zeros(3))
+        deadline = time.monotonic() + 10
+        while p.stats()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker takes the first request and blocks on it
+        queued = [p.submit(np.zeros(3)) for _ in range(2)]
+        t = time.monotonic()
+        with pytest.raises(Overloaded, match="queue_size"):
+            p.submit(np.zeros(3))
+        with pytest.raises(Overloaded):
+            p.predict(np.zeros(3))
+        assert time.monotonic() - t < 5
+        assert p.stats()["rejected"] == 2
+        gate.set()
+        for f in [first, *queued]:
+            assert f.result(10).shape == (2,)
+
+
+def test_deadline_raises_timeout_error_and_predictor_recovers(gated):
+    model, gate = gated
+    with Predictor(model, timeout_s=0.3) as p:
+        gate.clear()
+        with pytest.raises(TimeoutError, match=r"timeout_s=0\.3"):
+            p.predict(np.zeros(3))
+        gate.set()
+        assert p.predict(np.zeros(3)).shape == (2,)
+        assert p.stats()["timeouts"] == 1
+
+
+def test_close_answers_every_queued_request(gated):
+    model, gate = gated
+    p = Predictor(model, max_batch_size=4, timeout_s=20)
+    gate.clear()
+    futures = [p.submit(np.full(3, i, np.float32)) for i in range(50)]
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    time.sleep(0.1)
+    with pytest.raises(PredictorClosed):
+        p.predict(np.zeros(3))
+    gate.set()
+    closer.join(20)
+    assert not closer.is_alive()
+    results = [f.result(0) for f in futures]  # all done already: none lost
+    assert all(r.shape == (2,) for r in results)
+    p.close()  # idempotent
+    with pytest.raises(PredictorClosed):
+        p.submit(np.zeros(3))
+    with pytest.raises(PredictorClosed):
+        p.update_weights(model)
+
+
+def test_exception_in_forward_fails_only_that_batch():
+    class Checked(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            tf.debugging.assert_less(x, 100.0, message="value too large")
+            return self.dense(x)
+
+    model = Checked()
+    model(np.zeros((1, 3), np.float32))
+    with Predictor(model) as p:
+        with pytest.raises(PredictionFailed) as info:
+            p.predict(np.full(3, 1000.0))
+        assert isinstance(info.value.__cause__, tf.errors.InvalidArgumentError)
+        assert "value too large" in str(info.value)
+        assert p.predict(np.ones(3)).shape == (2,)
+        assert p.stats()["errors"] == 1
+
+
+def test_no_retracing_in_steady_state():
+    calls = []
+
+    class Counting(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            calls.append(1)  # Python side effect: runs once per trace
+            return self.dense(x)
+
+    model = Counting()
+    model(np.zeros((1, 5), np.float32))
+    with Predictor(model, max_batch_size=16) as p:
+        traces, model_calls = p.stats()["traces"], len(calls)
+        assert traces >= 1
+        rng = np.random.default_rng(0)
+        for n in [1, 2, 3, 5, 8, 13, 16, 40, 7]:
+            p.predict(rng.normal(size=(n, 5)))
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: p.predict(rng.normal(size=5)), range(200)))
+        assert p.stats()["traces"] == traces
+        assert len(calls) == model_calls
+
+
+def test_padding_rows_are_zeros_not_stale():
+    seen = []
+
+    class Recording(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            def record(a):
+                seen.append(a.copy())
+                return a
+
+            y = tf.numpy_function(record, [x], tf.float32, stateful=True)
+            y.set_shape(x.shape)
+            return self.dense(y)
+
+    model = Recording()
+    model(np.zeros((1, 2), np.float32))
+    with Predictor(model, max_batch_size=8) as p:
+        p.predict(np.full((7, 2), 5.0))
+        p.predict(np.full((3, 2), 9.0))
+    last = seen[-1]
+    assert last.shape == (4, 2)  # bucket of 3 rows is 4
+    np.testing.assert_array_equal(last[:3], 9.0)
+    np.testing.assert_array_equal(last[3:], 0.0)
+
+
+def test_owns_its_weights_and_update_weights_versions():
+    model = mlp()
+    x = np.ones(8, np.float32)
+    before = reference(model, x[None])[0]
+    with Predictor(model) as p:
+        assert p.version == 0
+        for w in model.weights:
+            w.assign(w + 1.0)  # keeps training elsewhere: no effect on answers
+        np.testing.assert_allclose(p.predict(x), before, rtol=1e-5, atol=1e-6)
+        v = p.update_weights(model)
+        assert v == 1 and p.version == 1
+        y, version = p.predict(x, return_version=True)
+        assert version == 1
+        np.testing.assert_allclose(y, reference(model, x[None])[0], rtol=1e-5, atol=1e-5)
+        assert p.update_weights([w * 0 for w in model.get_weights()]) == 2
+        np.testing.assert_allclose(p.predict(x), np.zeros(4), atol=1e-7)
+        with pytest.raises(ValueError, match="arrays"):
+            p.update_weights(model.get_weights()[:-1])
+        with pytest.raises(ValueError, match="shape"):
+            p.update_weights(mlp(n_in=9))
+        assert p.version == 2
+
+
+def test_update_weights_under_concurrent_callers_each_answer_matches_its_version():
+    model = mlp()
+    x = np.random.default_rng(0).normal(size=(8,)).astype(np.float32)
+    versions = {0: [w.copy() for w in model.get_weights()]}
+    answers = []
+    stop = threading.Event()
+    with Predictor(model, max_batch_size=8) as p:
+        def client():
+            while not stop.is_set():
+                answers.append(p.predict(x, return_version=True))
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        rng = np.random.default_rng(1)
+        for _ in range(15):
+            new = [w + rng.normal(scale=0.5, size=w.shape).astype(np.float32)
+                   for w in versions[0]]
+            versions[p.update_weights(new)] = new
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join()
+    seen = {v for _, v in answers}
+    assert len(seen) > 3
+    check = mlp()
+    expected = {}
+    for v, weights in versions.items():
+        check.set_weights(weights)
+        expected[v] = reference(check, x[None])[0]
+    for y, v in answers:
+        np.testing.assert_allclose(y, expected[v], rtol=1e-4, atol=1e-5)
+
+
+def test_submit_and_apredict():
+    model = mlp()
+    x = np.ones(8, np.float32)
+    with Predictor(model) as p:
+        fut = p.submit(x)
+        np.testing.assert_allclose(fut.result(10), reference(model, x[None])[0], rtol=1e-5)
+
+        async def many():
+            return await asyncio.gather(*(p.apredict(x, return_version=True) for _ in range(20)))
+
+        results = asyncio.run(many())
+    assert len(results) == 20 and all(v == 0 for _, v in results)
+
+
+def test_lone_request_does_not_wait_out_max_delay():
+    model = mlp()
+    with Predictor(model, max_delay_ms=2000) as p:
+        t = time.monotonic()
+        for _ in range(3):
+            p.predict(np.ones(8))
+        # Three sequential requests on an idle predictor: far below one max_delay.
+        assert time.monotonic() - t < 2.0
+
+
+def test_rejects_invalid_construction():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Predictor(mlp(), max_batch_size=0)
+    inp = keras.Input((None, 3))
+    seq = keras.Model(inp, keras.layers.Dense(1)(inp))
+    with pytest.raises(ValueError, match="input_signature"):
+        Predictor(seq)
+    with Predictor(seq, input_signature=keras.Input((4, 3))) as p:
+        assert p.predict(np.zeros((4, 3))).shape == (4, 1)
