@@ -31,6 +31,7 @@ from keras_tandem.errors import PredictionFailed, PredictorClosed
 
 _now = time.perf_counter
 _LIVE: weakref.WeakSet[Predictor] = weakref.WeakSet()
+_BUILD_TIMEOUT_S = 600.0
 
 
 @atexit.register
@@ -113,7 +114,14 @@ class Predictor:
             name="keras-tandem-predictor", daemon=True,
         )
         self._worker.start()
-        started.result()  # tracing errors surface here, in the constructor
+        try:
+            started.result(_BUILD_TIMEOUT_S)  # tracing errors surface here, in the constructor
+        except TimeoutError:
+            self.close(timeout_s=0)
+            raise TimeoutError(
+                f"Tracing and warming up the model took over {_BUILD_TIMEOUT_S} s; "
+                "is its forward pass stuck?"
+            ) from None
         _LIVE.add(self)
 
     # ----------------------------------------------------------------- callers

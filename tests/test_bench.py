@@ -1,0 +1,26 @@
+"""`tandem bench predict` end to end, tiny: the table, ratio lines and JSON."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_predict_writes_ratios_and_machine(tmp_path):
+    out = tmp_path / "predict.json"
+    plot = tmp_path / "predict.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_tandem.cli", "bench", "predict", "--threads", "1,4",
+         "--duration", "0.3", "--skip-naive", "--json", str(out), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("throughput_vs_handoff=", "throughput_vs_offline=", "latency_vs_direct="):
+        assert name in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["tensorflow"].startswith("2.")
+    techniques = {r["technique"] for r in doc["rows"]}
+    assert {"hand-off ceiling", "lock + predict_on_batch", "Predictor"} <= techniques
+    predictor = [r for r in doc["rows"] if r["technique"] == "Predictor"]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in predictor)
+    assert doc["ratios"]["throughput_vs_handoff"] > 0
+    assert plot.stat().st_size > 10_000
