@@ -1,7 +1,8 @@
 """keras-tandem: train a Keras model and predict with it from many threads at once.
 
-`PublishWeights` and `train_in_background` import Keras and TensorFlow, so
-they load on first use: `import keras_tandem` (and `tandem --help`) stay fast.
+`PublishWeights`, `train_in_background`, `make_pipeline`, `probe_input` and
+`choose_strategy` import Keras and TensorFlow, so they load on first use:
+`import keras_tandem` (and `tandem --help`) stay fast.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed,
 from keras_tandem.predictor import Predictor
 
 if TYPE_CHECKING:
+    from keras_tandem.distribute import choose_strategy
+    from keras_tandem.pipeline import make_pipeline, probe_input
     from keras_tandem.server import serve
     from keras_tandem.training import TrainingProgress, TrainingRun, train_in_background
     from keras_tandem.weights import PublishWeights
@@ -23,6 +26,9 @@ __all__ = [
     "PublishWeights",
     "TrainingProgress",
     "TrainingRun",
+    "choose_strategy",
+    "make_pipeline",
+    "probe_input",
     "serve",
     "train_in_background",
 ]
@@ -33,6 +39,9 @@ _LAZY = {
     "TrainingProgress": "keras_tandem.training",
     "TrainingRun": "keras_tandem.training",
     "train_in_background": "keras_tandem.training",
+    "make_pipeline": "keras_tandem.pipeline",
+    "probe_input": "keras_tandem.pipeline",
+    "choose_strategy": "keras_tandem.distribute",
     "serve": "keras_tandem.server",  # imports aiohttp
 }
 

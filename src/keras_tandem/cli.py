@@ -16,6 +16,8 @@ import sys
 BENCHES = {
     "predict": "keras_tandem.bench.predict",
     "http": "keras_tandem.bench.http",
+    "train-serve": "keras_tandem.bench.train_serve",
+    "pipeline": "keras_tandem.bench.pipeline",
 }
 
 # Other subcommands -> module exposing add_arguments() and run().

@@ -1,0 +1,179 @@
+"""HTTP serving: keras-tandem's server against a naive threaded model.predict server.
+
+Owns the `tandem bench http` scenario: an MLP (784-256-256-10) served on
+127.0.0.1 by `keras_tandem.serve` and, in the same run, by the naive way
+(stdlib `ThreadingHTTPServer`, one thread per connection, `model.predict`
+per request, as a threaded Flask app does it; `_naive_http`, in a child
+process), each driven from a separate
+load-generator process (`wrk` if installed, else a Python keep-alive
+client; `_loadgen`) with single-example requests at several connection
+counts. Reports requests/s, p50/p99 latency, mean batch size and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from keras_tandem.bench._loadgen import run_load, which_loadgen
+from keras_tandem.bench._models import build_model
+from keras_tandem.bench._report import console, print_ratios, print_table, write_json
+
+CONNECTIONS = (1, 16, 64, 256)
+RATIO_AT = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds this scenario's options to `parser`."""
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (well under a minute), naive server at 1 and 64 only")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and ratios to PATH")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per measurement (default 8, quick 2)")
+    parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS),
+                        help="connection counts to measure (default 1 16 64 256)")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator: wrk if installed (auto), or the Python client")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-delay-ms", type=float, default=0.5)
+    parser.add_argument("--skip-naive", action="store_true", help="measure keras-tandem only")
+
+
+class NaiveServer:
+    """The baseline server (`_naive_http`) in a child process.
+
+    Args:
+        model_name: a model name from `_models` (`mlp`).
+    """
+
+    def __init__(self, model_name: str):
+        cmd = [sys.executable, "-m", "keras_tandem.bench._naive_http", model_name]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        line = self._proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the naive server did not start (printed {line!r})")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self) -> None:
+        """Closes its stdin (it exits) and waits for it."""
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+# ----------------------------------------------------------------- the run
+
+
+def _warm(url: str, body: bytes) -> None:
+    import urllib.request
+
+    for _ in range(3):
+        req = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+
+
+def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
+             duration_s: float, predictor: Any = None) -> dict[str, Any]:
+    before = predictor.stats() if predictor is not None else None
+    res = run_load(tool, url, body, connections, duration_s)
+    row = {"technique": technique, "connections": connections,
+           "req_per_s": res["req_per_s"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+           "requests": res["requests"], "errors": res["errors"], "mean_batch_size": None}
+    if predictor is not None:
+        after = predictor.stats()
+        batches = after["batches"] - before["batches"]
+        rows = after["mean_batch_size"] * after["batches"] - \
+            before["mean_batch_size"] * before["batches"]
+        row["mean_batch_size"] = rows / batches if batches else 0.0
+    console.print(f"  {technique:>13} c={connections:<4} {row['req_per_s']:9.1f} req/s  "
+                  f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
+                  f"errors {row['errors']}")
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the scenario; returns 0, or 1 if the keras-tandem server had errors."""
+    import keras_tandem
+    from keras_tandem import Predictor
+
+    duration = args.duration or (2.0 if args.quick else 8.0)
+    warm_s = 0.5 if args.quick else 2.0
+    levels = sorted(set(args.connections))
+    naive_levels = [c for c in levels if c in (1, RATIO_AT)] if args.quick else levels
+    tool = which_loadgen(args.loadgen)
+    console.print(f"load generator: {tool} (separate process); {duration:g} s per point")
+
+    model = build_model("mlp")
+    rng = np.random.default_rng(0)
+    example = np.round(rng.random(784), 4).tolist()
+    body = json.dumps({"instances": [example]}).encode()
+
+    rows: list[dict[str, Any]] = []
+    predictor = Predictor(model, max_batch_size=args.max_batch_size,
+                          max_delay_ms=args.max_delay_ms)
+    try:
+        with keras_tandem.serve(predictor, name="mlp", port=0) as server:
+            url = f"{server.url}/v1/models/mlp:predict"
+            _warm(url, body)
+            for c in levels:
+                run_load(tool, url, body, c, warm_s)
+                rows.append(_measure("keras-tandem", tool, url, body, c, duration, predictor))
+    finally:
+        predictor.close()
+
+    if not args.skip_naive:
+        naive = NaiveServer("mlp")
+        try:
+            _warm(naive.url, body)
+            for c in naive_levels:
+                rows.append(_measure("naive", tool, naive.url, body, c,
+                                     max(duration, 4.0) if c > 1 else duration))
+        finally:
+            naive.stop()
+
+    ratios = _ratios(rows)
+    columns = ["technique", "connections", "req_per_s", "p50_ms", "p99_ms",
+               "mean_batch_size", "requests", "errors"]
+    print_table("HTTP serving, single-example requests (MLP 784-256-256-10)", rows, columns)
+    print(f"load_generator={tool}", flush=True)
+    print_ratios(ratios)
+    if args.json:
+        config = {"duration_s": duration, "connections": levels, "naive_connections":
+                  naive_levels, "max_batch_size": args.max_batch_size,
+                  "max_delay_ms": args.max_delay_ms, "quick": args.quick}
+        write_json(args.json, "http", config, rows, ratios, load_generator=tool)
+    tandem_errors = sum(r["errors"] for r in rows if r["technique"] == "keras-tandem")
+    return 1 if tandem_errors else 0
+
+
+def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    def at(technique: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["technique"] == technique
+                     and r["connections"] == c), None)
+
+    t, n = at("keras-tandem", RATIO_AT), at("naive", RATIO_AT)
+    ratios: dict[str, float | None] = {
+        "req_per_s": t["req_per_s"] if t else None,
+        "p50_ms": t["p50_ms"] if t else None,
+        "p99_ms": t["p99_ms"] if t else None,
+        "mean_batch_size": t["mean_batch_size"] if t else None,
+        "naive_req_per_s": n["req_per_s"] if n else None,
+        "naive_p99_ms": n["p99_ms"] if n else None,
+        "throughput_vs_naive": t["req_per_s"] / n["req_per_s"]
+        if t and n and n["req_per_s"] else None,
+        "p99_vs_naive": t["p99_ms"] / n["p99_ms"] if t and n and n["p99_ms"] else None,
+        "errors": float(sum(r["errors"] for r in rows if r["technique"] == "keras-tandem")),
+    }
+    return ratios

@@ -1,0 +1,453 @@
+"""Train while serving: training speed alone vs while client threads are served.
+
+One run measures training samples/s (a) alone, (b) while 16 client threads
+send a paced, fixed open-loop load (default 1,000 requests/s in all) through
+a `Predictor` fed by `PublishWeights`, (c) while the same threads call
+`model.predict` on a copy of the model (the naive way, in a child process:
+it can take a process down), and (d) while the threads send through the
+Predictor as fast as they can (closed loop). Each case is repeated and
+reported by its median (and minimum); ratios compare cases of the same
+process, so they mean the same on any machine.
+
+Training is timed from the first `on_train_batch_begin` to the last
+`on_train_batch_end`, so tf.data iterator teardown (which can stall for
+seconds, see docs/design.md) is never counted. Open-loop latency runs from
+the moment a request was *scheduled*, so a client that falls behind shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from keras_tandem.bench import _report
+
+_now = time.perf_counter
+# Table column -> row field (the JSON keeps every field under its own name).
+COLUMNS = {
+    "case": "case",
+    "train/s": "train_sps",            # training samples/s, median of the repetitions
+    "train/s min": "train_sps_min",
+    "vs alone": "train_vs_alone",      # training speed / the same process's "alone"
+    "served/s": "served_rps",          # answers completed while training ran
+    "served": "served_fraction",       # of the offered open-loop load
+    "p50 ms": "p50_ms",
+    "p99 ms": "p99_ms",                # open loop: from the time a request was due
+    "published": "versions_published",
+    "v served": "versions_served",
+    "stall ms": "publish_ms_mean",     # training-thread stall per publish
+    "stall": "publish_frac",           # share of training time spent publishing
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of `tandem bench train-serve`."""
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                        help="mlp (784-256-256-10, default) or cnn (32x32x3)")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="open-loop load, requests/s over all threads (default 1000)")
+    parser.add_argument("--threads", type=int, default=16, help="client threads (default 16)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="training seconds per case (default 4; --quick 1.2)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions of every case (default 3; --quick 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    parser.add_argument("--publish-seconds", type=float, default=0.1,
+                        help="publish weights every this many seconds (default 0.1)")
+    parser.add_argument("--skip-naive", action="store_true",
+                        help="skip the model.predict-per-thread case (child process)")
+    parser.add_argument("--quick", action="store_true", help="short run, well under a minute")
+    parser.add_argument("--json", metavar="PATH", help="write rows, ratios and machine here")
+
+
+# ------------------------------------------------------------------ clients
+
+
+class _Load:
+    """Client threads calling `call(x)`: paced at `rate` requests/s in all, or closed loop.
+
+    Every answer is recorded as (scheduled or sent at, answered at, version).
+    """
+
+    def __init__(self, call: Callable[[Any], Any], inputs: list[np.ndarray], threads: int,
+                 rate: float | None):
+        self._call, self._inputs, self.rate = call, inputs, rate
+        self._stop = threading.Event()
+        self.records: list[list[tuple[float, float, Any]]] = [[] for _ in range(threads)]
+        self.errors = [0] * threads
+        self._threads = [threading.Thread(target=self._client, args=(i, threads), daemon=True)
+                         for i in range(threads)]
+
+    def start(self) -> None:
+        self._t0 = _now() + 0.01
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _client(self, i: int, threads: int) -> None:
+        x, call, mine, stop = self._inputs[i % len(self._inputs)], self._call, self.records[i], \
+            self._stop
+        period = threads / self.rate if self.rate else 0.0
+        k = 0
+        while not stop.is_set():
+            if period:
+                # Open loop: request k of this thread is due at a fixed time, whether or
+                # not earlier answers came back late (threads are staggered).
+                scheduled = self._t0 + (k + i / threads) * period
+                k += 1
+                delay = scheduled - _now()
+                if delay > 0:
+                    time.sleep(delay)
+                    if stop.is_set():
+                        break
+            else:
+                scheduled = _now()
+            try:
+                version = call(x)
+            except Exception:  # noqa: BLE001 - counted; the naive way does fail
+                self.errors[i] += 1
+                continue
+            mine.append((scheduled, _now(), version))
+
+    def summary(self, t0: float, t1: float) -> dict[str, Any]:
+        """What the clients got while training ran, in the window [t0, t1].
+
+        Returns:
+            `served_rps`: answers completed in the window, per second;
+            `served_fraction` (open loop): requests due in the window that
+            were answered, over those offered (one due but never sent, its
+            client still busy with earlier ones, counts as not served);
+            `p50_ms`/`p99_ms`: latency of the answers completed in the window,
+            from the time each was due (open loop) or sent (closed loop);
+            `versions_served` and `errors`.
+        """
+        records = [r for mine in self.records for r in mine]
+        done = [r for r in records if t0 <= r[1] <= t1]
+        due = sum(1 for r in records if t0 <= r[0] <= t1)
+        lat = np.array([r[1] - r[0] for r in done]) * 1e3
+        versions = {r[2] for r in done if r[2] is not None}
+        return {
+            "offered_rps": self.rate,
+            "served_rps": len(done) / (t1 - t0),
+            "served_fraction": due / (self.rate * (t1 - t0)) if self.rate else None,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "versions_served": len(versions) or None,
+            "errors": sum(self.errors),
+        }
+
+
+# ---------------------------------------------------------------- training
+
+
+def _timer(limit_s: float | None = None) -> Any:
+    import keras
+
+    class Timer(keras.callbacks.Callback):
+        """First batch begin to last batch end: iterator teardown is never counted.
+
+        Stops training after `limit_s` seconds (a case slowed down many times
+        over is measured on the batches it did).
+        """
+
+        first: float | None = None
+        last: float | None = None
+        batches = 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.first is None:
+                self.first = _now()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = _now()
+            self.batches += 1
+            if limit_s is not None and self.last - self.first > limit_s:
+                self.model.stop_training = True
+
+    return Timer()
+
+
+class _Trainer:
+    """The model under training, its data, and one timed training run per call."""
+
+    def __init__(self, model_name: str, batch_size: int, seconds: float):
+        import keras
+
+        from keras_tandem.bench._models import build_model, example_shape
+
+        self.model = build_model(model_name)
+        self.model.compile(keras.optimizers.SGD(0.01),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        self.shape = example_shape(self.model)
+        self.batch_size = batch_size
+        rng = np.random.default_rng(0)
+        self._x = rng.random((batch_size * 64, *self.shape), dtype=np.float32)
+        self._y = rng.integers(0, 10, len(self._x)).astype("int32")
+        self.steps = 64
+        self.limit_s = 3 * seconds
+        self.train(steps=8)  # traces the train step
+        timer = self.train(steps=32)
+        step_s = (timer.last - timer.first) / max(1, timer.batches)
+        self.steps = max(30, int(seconds / step_s))
+        reps = -(-self.steps // 64)
+        self._x = np.concatenate([self._x] * reps)[: self.steps * batch_size]
+        self._y = np.concatenate([self._y] * reps)[: self.steps * batch_size]
+
+    def train(self, steps: int | None = None, callbacks: tuple = ()) -> Any:
+        """One epoch of `steps` batches (default: the calibrated count); returns the timer."""
+        from keras_tandem import train_in_background
+
+        n = (steps or self.steps) * self.batch_size
+        timer = _timer(self.limit_s)
+        run = train_in_background(self.model, (self._x[:n], self._y[:n]), epochs=1,
+                                  batch_size=self.batch_size, shuffle=False,
+                                  callbacks=[timer, *callbacks])
+        run.join()
+        return timer
+
+
+def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None) -> dict[str, Any]:
+    if load is not None:
+        load.start()
+        time.sleep(0.2)  # the clients reach their pace before training starts
+    try:
+        timer = trainer.train(callbacks=(publisher,) if publisher is not None else ())
+    finally:
+        if load is not None:
+            load.stop()
+    t0, t1 = timer.first, timer.last
+    row = {"train_sps": timer.batches * trainer.batch_size / (t1 - t0), "train_s": t1 - t0}
+    if load is not None:
+        row.update(load.summary(t0, t1))
+    if publisher is not None:
+        row.update(versions_published=publisher.published,
+                   publish_ms_mean=publisher.publish_seconds_mean * 1e3,
+                   publish_ms_max=publisher.publish_seconds_max * 1e3,
+                   publish_frac=publisher.publish_seconds_total / (t1 - t0))
+    return row
+
+
+def _inputs(shape: tuple[int, ...], n: int = 16) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.random(shape, dtype=np.float32) for _ in range(n)]
+
+
+def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> list[dict]:
+    from keras_tandem import Predictor, PublishWeights
+
+    trainer = _Trainer(args.model, args.batch_size, seconds)
+    inputs = _inputs(trainer.shape)
+    reps_rows: list[dict] = []
+    with Predictor(trainer.model) as predictor:
+        predictor.predict(inputs[0])
+
+        def call(x):
+            return predictor.predict(x, return_version=True)[1]
+
+        def publisher():
+            return PublishWeights(predictor, every_seconds=args.publish_seconds)
+
+        for rep in range(reps):
+            for case, rate in (("alone", None), ("Predictor, open loop", args.rate),
+                               ("Predictor, closed loop", None)):
+                if case == "alone":
+                    row = _case(trainer, None)
+                else:
+                    row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher())
+                row.update(case=case, rep=rep)
+                reps_rows.append(row)
+                _progress(row)
+    return reps_rows
+
+
+def _progress(row: dict) -> None:
+    served = (f"  served {row['served_rps']:,.0f} req/s  p99 {row['p99_ms']:.1f} ms"
+              if row.get("served_rps") is not None and row.get("p99_ms") is not None else "")
+    _report.console.print(f"  {row['case']:<26} rep {row['rep']}: train "
+                          f"{row['train_sps']:,.0f} samples/s{served}")
+
+
+def _naive_cases(args: argparse.Namespace, reps: int, seconds: float) -> list[dict]:
+    """Runs `alone` and `model.predict, open loop` in a child process (it can crash)."""
+    cmd = [sys.executable, "-m", "keras_tandem.bench.train_serve", "--child-naive",
+           json.dumps({"model": args.model, "batch_size": args.batch_size, "rate": args.rate,
+                       "threads": args.threads, "reps": reps, "seconds": seconds,
+                       "publish_seconds": args.publish_seconds})]
+    _report.console.print("  naive model.predict case (child process) ...")
+    rows: list[dict] = []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=120 + reps * (seconds * 20 + 30),
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        out, code, err = proc.stdout, proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code, err = "timeout", ""
+    for line in out.splitlines():
+        if line.startswith("TANDEM_ROW "):
+            row = json.loads(line[len("TANDEM_ROW "):])
+            rows.append(row)
+            _progress(row)
+    if code != 0:
+        tail = err.strip().splitlines()[-1:] if err else []
+        _report.console.print(f"  [red]naive child process ended with {code}[/] {tail}")
+        rows.append({"case": "model.predict (crashed)", "rep": 0, "errors": str(code)})
+    return rows
+
+
+def _child_naive(config: dict[str, Any]) -> None:
+    import keras
+
+    trainer = _Trainer(config["model"], config["batch_size"], config["seconds"])
+    copy = keras.models.clone_model(trainer.model)
+    copy.set_weights(trainer.model.get_weights())
+    inputs = [x[None] for x in _inputs(trainer.shape)]
+    copy.predict(inputs[0], verbose=0)
+
+    class CopyWeights(keras.callbacks.Callback):
+        """The naive way to publish: set_weights on the serving copy, every n seconds."""
+
+        published, total = 0, 0.0
+        seconds_between = config["publish_seconds"]
+        publish_seconds_max = 0.0
+
+        def on_train_begin(self, logs=None):
+            self._last = _now()
+
+        def on_train_batch_end(self, batch, logs=None):
+            t = _now()
+            if t - self._last >= self.seconds_between:
+                copy.set_weights(self.model.get_weights())
+                self.published += 1
+                elapsed = _now() - t
+                self.total += elapsed
+                self.publish_seconds_max = max(self.publish_seconds_max, elapsed)
+                self._last = _now()
+
+        @property
+        def publish_seconds_total(self):
+            return self.total
+
+        @property
+        def publish_seconds_mean(self):
+            return self.total / self.published if self.published else 0.0
+
+    def call(x):
+        copy.predict(x, verbose=0)
+
+    for rep in range(config["reps"]):
+        for case in ("alone", "model.predict, open loop"):
+            if case == "alone":
+                row = _case(trainer, None)
+            else:
+                row = _case(trainer, _Load(call, inputs, config["threads"], config["rate"]),
+                            CopyWeights())
+            row.update(case=case, rep=rep)
+            print("TANDEM_ROW " + json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _combine(rows: list[dict]) -> list[dict]:
+    """One row per case: medians over repetitions (and the minimum training speed)."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        reps = [r for r in rows if r["case"] == case]
+        row: dict[str, Any] = {"case": case, "reps": len(reps)}
+        for key in set().union(*reps) - {"case", "rep"}:
+            values = [r[key] for r in reps if isinstance(r.get(key), (int, float))]
+            if values:
+                row[key] = statistics.median(values)
+            elif reps[0].get(key) is not None:
+                row[key] = reps[0][key]
+        speeds = [r["train_sps"] for r in reps if "train_sps" in r]
+        if speeds:
+            row["train_sps_min"] = min(speeds)
+        out.append(row)
+    return out
+
+
+def _ratios(rows: list[dict]) -> dict[str, float | None]:
+    by = {r["case"]: r for r in rows}
+    alone, naive_alone = by.get("alone", {}), by.get("alone (naive process)", {})
+
+    def vs(case: str, base: dict) -> float | None:
+        r = by.get(case)
+        if not r or not base.get("train_sps") or "train_sps" not in r:
+            return None
+        return r["train_sps"] / base["train_sps"]
+
+    open_, closed = by.get("Predictor, open loop", {}), by.get("Predictor, closed loop", {})
+    naive = by.get("model.predict, open loop", {})
+    for r in rows:
+        base = naive_alone if r["case"] in ("model.predict, open loop",
+                                            "alone (naive process)") else alone
+        if r.get("train_sps") and base.get("train_sps"):
+            r["train_vs_alone"] = r["train_sps"] / base["train_sps"]
+    return {
+        "train_vs_alone": vs("Predictor, open loop", alone),
+        "train_vs_alone_naive": vs("model.predict, open loop", naive_alone),
+        "train_vs_alone_closed": vs("Predictor, closed loop", alone),
+        "served_fraction": open_.get("served_fraction"),
+        "p99_ms": open_.get("p99_ms"),
+        "served_fraction_naive": naive.get("served_fraction"),
+        "p99_ms_naive": naive.get("p99_ms"),
+        "served_rps_closed": closed.get("served_rps"),
+        "p99_ms_closed": closed.get("p99_ms"),
+        "publish_frac": open_.get("publish_frac"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark and prints the table and ratio lines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    seconds = args.seconds or (1.2 if args.quick else 4.0)
+    reps = args.reps or (2 if args.quick else 3)
+    if args.rate <= 0 or args.threads < 1 or reps < 1 or seconds <= 0:
+        _report.console.print("--rate, --threads, --reps and --seconds must be positive")
+        return 2
+    _report.console.print(
+        f"[bold]tandem bench train-serve[/] model={args.model} {args.threads} client threads, "
+        f"open loop {args.rate:,.0f} req/s, ~{seconds:g} s of training per case, {reps} reps")
+    raw = _predictor_cases(args, reps, seconds)
+    if not args.skip_naive:
+        # Its slowdown is many-fold, not a few percent: one repetition shows it in --quick.
+        for row in _naive_cases(args, 1 if args.quick else reps, seconds):
+            if row["case"] == "alone":
+                row["case"] = "alone (naive process)"
+            raw.append(row)
+    rows = _combine(raw)
+    ratios = _ratios(rows)
+    _report.print_table(
+        f"train while serving ({args.model}, {args.threads} client threads, open loop "
+        f"{args.rate:,.0f} req/s)",
+        [{col: r.get(key) for col, key in COLUMNS.items()} for r in rows], list(COLUMNS))
+    _report.print_ratios(ratios)
+    if args.json:
+        config = {"model": args.model, "rate": args.rate, "threads": args.threads,
+                  "seconds": seconds, "reps": reps, "batch_size": args.batch_size,
+                  "publish_seconds": args.publish_seconds, "quick": bool(args.quick)}
+        _report.write_json(args.json, "train-serve", config, rows, ratios, repetitions=raw)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child-naive":
+        _child_naive(json.loads(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m keras_tandem.bench.train_serve --child-naive CONFIG_JSON")

@@ -1,0 +1,152 @@
+"""Choosing the `tf.distribute` strategy for the hardware at hand.
+
+Owns `choose_strategy` (what to train under) and `describe_strategy` (one
+line saying what was picked, also logged). The choice itself is a pure
+function of TF_CONFIG and the device lists (`_plan`), so it can be tested
+without the hardware. Multi-worker training proper comes in a later issue:
+here a multi-worker cluster only gets its strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("keras_tandem.distribute")
+
+
+def choose_strategy(devices: str | Sequence[str] | None = None) -> Any:
+    """Returns the `tf.distribute.Strategy` to build and train a model under.
+
+    Without `devices`: `MultiWorkerMirroredStrategy` when TF_CONFIG names a
+    cluster of more than one worker (it waits until every worker has
+    started); else `MirroredStrategy` across all GPUs when there are several,
+    `OneDeviceStrategy` on the only GPU, and the default strategy on CPU.
+    Several *logical* CPU devices do not change the CPU choice: they share
+    the same cores, so mirroring across them only adds synchronisation; ask
+    for it with `devices="CPU"`.
+
+    Build and compile the model under `strategy.scope()`; a `Predictor`
+    made from that model serves as usual (it keeps its own weight copy).
+
+    Args:
+        devices: `"CPU"` or `"GPU"` for every logical device of that type, or
+            a list of device names (`["/cpu:0", "/cpu:1"]`): `MirroredStrategy`
+            across them when there are several, `OneDeviceStrategy` for one.
+            Overrides TF_CONFIG.
+
+    Returns:
+        The strategy; `describe_strategy` says in one line what it is.
+
+    Raises:
+        ValueError: TF_CONFIG is malformed or names a parameter-server
+            cluster, or `devices` names no device.
+        RuntimeError: TF_CONFIG names a cluster but TensorFlow's runtime
+            already started: call `choose_strategy()` first in the program.
+    """
+    import tensorflow as tf
+
+    tf_config = os.environ.get("TF_CONFIG")
+    if devices is None and _workers(tf_config) > 1:
+        # Before anything that initialises TensorFlow's runtime (listing logical
+        # devices does): collective ops can only be configured before that.
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            raise RuntimeError(
+                "TF_CONFIG names a multi-worker cluster, but TensorFlow's runtime already "
+                "started: call choose_strategy() before any other TensorFlow work."
+            ) from e
+        log.info("choose_strategy: %s", describe_strategy(strategy))
+        return strategy
+    if isinstance(devices, str) and devices.upper() in ("CPU", "GPU"):
+        devices = [d.name for d in tf.config.list_logical_devices(devices.upper())]
+        if not devices:
+            raise ValueError("choose_strategy(devices=...) found no such logical device.")
+    kind, chosen = _plan(
+        tf_config,
+        gpus=[d.name for d in tf.config.list_logical_devices("GPU")],
+        devices=None if devices is None else list(devices),
+    )
+    if kind == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(chosen)
+    elif kind == "one_device":
+        strategy = tf.distribute.OneDeviceStrategy(chosen[0])
+    else:
+        strategy = tf.distribute.get_strategy()
+    log.info("choose_strategy: %s", describe_strategy(strategy))
+    return strategy
+
+
+def describe_strategy(strategy: Any) -> str:
+    """One line naming the strategy, its replica count and devices.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+
+    Returns:
+        e.g. `"MirroredStrategy, 2 replicas on CPU:0, CPU:1"`.
+    """
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"
+    elif type(strategy).__name__ == "_DefaultDistributionStrategy":
+        name = "default strategy (no distribution)"
+    else:
+        name = type(strategy).__name__
+    try:
+        devices = strategy.extended.worker_devices
+    except (AttributeError, RuntimeError):  # the default strategy has none
+        devices = ()
+    shown = ", ".join(d.split("device:")[-1] for d in devices)
+    replicas = strategy.num_replicas_in_sync
+    return f"{name}, {replicas} replica{'s' if replicas != 1 else ''}" + \
+        (f" on {shown}" if shown else "")
+
+
+def _plan(tf_config: str | None, gpus: Sequence[str],
+          devices: Sequence[str] | None) -> tuple[str, list[str]]:
+    """Decides which strategy to build.
+
+    Args:
+        tf_config: the TF_CONFIG environment variable (or None).
+        gpus: the logical GPU device names.
+        devices: devices asked for explicitly, or None.
+
+    Returns:
+        `(kind, devices)`: kind is `"multi_worker"`, `"mirrored"`,
+        `"one_device"` or `"default"`.
+    """
+    if devices is not None:
+        if not devices:
+            raise ValueError("choose_strategy(devices=[]) names no device.")
+        return ("mirrored" if len(devices) > 1 else "one_device"), list(devices)
+    if _workers(tf_config) > 1:
+        return "multi_worker", []
+    if len(gpus) > 1:
+        return "mirrored", list(gpus)
+    if len(gpus) == 1:
+        return "one_device", list(gpus)
+    return "default", []
+
+
+def _workers(tf_config: str | None) -> int:
+    """How many workers (chief included) TF_CONFIG's cluster has; 0 without one."""
+    if not tf_config:
+        return 0
+    try:
+        config = json.loads(tf_config)
+        cluster = config.get("cluster") or {}
+        task_type = (config.get("task") or {}).get("type")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster': {e}") from e
+    if cluster.get("ps"):
+        raise ValueError("TF_CONFIG names parameter servers ('ps'): ParameterServerStrategy "
+                         "is not supported; use a cluster of 'chief' and 'worker' tasks.")
+    if task_type == "evaluator":
+        return 0  # an evaluator evaluates alone; it never joins the workers' collectives
+    return len(cluster.get("chief") or []) + len(cluster.get("worker") or [])

@@ -1,0 +1,368 @@
+"""The aiohttp application: routes, request handlers and error mapping.
+
+Owns: TF Serving's REST endpoints over one `ServedModel`, mapping the
+Predictor's errors to HTTP statuses, and `_Bridge`, which hands the
+Predictor's answers to the event loop with one wake-up per burst of answers
+(about one per batch) instead of one per request. Request formats live in
+`_protocol`, versions in `_repository`, metrics in `_metrics`; no prediction
+logic lives here.
+
+Status codes: 400 bad JSON/shape/dtype (`InvalidInputError`), 404 unknown
+model/version/path, 405 wrong method, 413 body over the limit (from
+`Content-Length`, before reading), 503 + `Retry-After` when overloaded,
+closing or not loaded yet, 504 past the Predictor's timeout, 500 when the
+forward pass failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
+from keras_tandem.server._metrics import CONTENT_TYPE, ServerMetrics
+from keras_tandem.server._protocol import dumps, error_body, format_predictions, metadata_doc
+from keras_tandem.server._protocol import parse_predict_body as _parse
+from keras_tandem.server._repository import Servable, ServedModel
+
+log = logging.getLogger("keras_tandem.server")
+_now = time.perf_counter
+
+# Bodies (and answers) larger than this are decoded (encoded) on a worker
+# thread, so one huge request does not stall the event loop for the others.
+_OFFLOAD_BYTES = 256 * 1024
+# The Predictor enforces its timeout_s when a batch starts; past it (plus
+# this margin) the server gives up on a request whose batch never started.
+_DEADLINE_MARGIN_S = 0.25
+_NAME = "{name:[^/:]+}"
+_VERSION = "{version:[^/:]+}"
+
+
+class _Bridge:
+    """Resolves asyncio futures from `concurrent.futures` ones set on other threads.
+
+    The Predictor's worker finishes a batch's requests back to back; the
+    first answer schedules one `_drain` on the loop, and the rest join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future, Future]] = []
+        self._scheduled = False
+
+    async def wait(self, future: Future, timeout_s: float) -> Any:
+        """Awaits `future`'s result; raises `TimeoutError` after `timeout_s`.
+
+        On timeout `future` is cancelled, so the Predictor skips it if it
+        has not started it yet.
+        """
+        waiter = self._loop.create_future()
+        future.add_done_callback(partial(self._on_done, waiter))
+        timer = self._loop.call_later(timeout_s, _expire, waiter, future, timeout_s)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _on_done(self, waiter: asyncio.Future, future: Future) -> None:
+        with self._lock:
+            self._done.append((waiter, future))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._scheduled = False
+        for waiter, future in done:
+            if waiter.done():
+                continue
+            error = future.exception()
+            if error is None:
+                waiter.set_result(future.result())
+            else:
+                waiter.set_exception(error)
+
+
+def _expire(waiter: asyncio.Future, future: Future, timeout_s: float) -> None:
+    if not waiter.done():
+        future.cancel()
+        waiter.set_exception(TimeoutError(
+            f"No prediction within {timeout_s:g} s: the Predictor's worker is busy or stuck "
+            "(see /metrics for its queue depth). Retry later, or raise its timeout_s."))
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    h = {"Content-Type": "application/json"}
+    if headers:
+        h.update(headers)
+    return web.Response(body=dumps(doc), status=status, headers=h)
+
+
+class _Error(Exception):
+    """An HTTP error answer: status, message, metric kind, extra headers."""
+
+    def __init__(self, status: int, message: str, kind: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.retry_after = retry_after
+
+    def response(self, close: bool = False) -> web.Response:
+        headers = {"Content-Type": "application/json"}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        resp = web.Response(body=error_body(self.message), status=self.status, headers=headers)
+        if close:
+            resp.force_close()
+        return resp
+
+
+class ModelApp:
+    """The HTTP endpoints of one served model.
+
+    Args:
+        served: the `ServedModel`.
+        metrics: its `ServerMetrics`.
+        max_body_bytes: largest request body accepted (413 beyond it).
+        retry_after_s: the `Retry-After` sent with 503.
+    """
+
+    def __init__(self, served: ServedModel, metrics: ServerMetrics, max_body_bytes: int,
+                 retry_after_s: int = 1):
+        self.served = served
+        self.metrics = metrics
+        self.max_body_bytes = int(max_body_bytes)
+        self.retry_after_s = int(retry_after_s)
+        self._bridge: _Bridge | None = None
+        self._sampler: asyncio.TimerHandle | None = None
+
+    def build(self) -> web.Application:
+        """The aiohttp `Application` with every route."""
+        app = web.Application(middlewares=[self._json_errors],
+                              client_max_size=self.max_body_bytes)
+        base = f"/v1/models/{_NAME}"
+        app.router.add_post(f"{base}:predict", self.predict)
+        app.router.add_post(f"{base}/versions/{_VERSION}:predict", self.predict)
+        app.router.add_get(base, self.status)
+        app.router.add_get(f"{base}/versions/{_VERSION}", self.status)
+        app.router.add_get(f"{base}/metadata", self.metadata)
+        app.router.add_get(f"{base}/versions/{_VERSION}/metadata", self.metadata)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/healthz", self.healthz)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        self._bridge = _Bridge(loop)
+        self._schedule_sample(loop)
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+
+    def _schedule_sample(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self.metrics.sample()
+        except Exception:  # metrics must never take the server down
+            log.exception("sampling the Predictor's stats failed")
+        self._sampler = loop.call_later(0.5, self._schedule_sample, loop)
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:  # aiohttp's own: no route, wrong method, too large
+            if e.status < 400:
+                raise
+            kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+            message = {404: f"Not found: {request.method} {request.path}",
+                       413: self._too_large_message(request.content_length)}.get(
+                e.status, e.reason or "HTTP error")
+            err = _Error(e.status, message, kinds.get(e.status, "http"))
+            self.metrics.observe("other", e.status, error_kind=err.kind)
+            resp = err.response(close=e.status == 413)
+            if e.status == 405 and "Allow" in e.headers:
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
+        except Exception as e:  # a bug answers 500 JSON
+            log.exception("%s %s failed unexpectedly", request.method, request.path)
+            err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+            self.metrics.observe("other", 500, error_kind=err.kind)
+            return err.response()
+
+    def _too_large_message(self, length: int | None) -> str:
+        got = f" ({length} bytes)" if length is not None else ""
+        return (f"Request body too large{got}: the limit is {self.max_body_bytes} bytes. "
+                "Send fewer rows per request, or raise the server's max_body_bytes.")
+
+    # ----------------------------------------------------------- predict
+
+    async def predict(self, request: web.Request) -> web.Response:
+        """`POST /v1/models/{name}[/versions/{v}]:predict`."""
+        t0 = _now()
+        try:
+            resp = await self._predict(request)
+        except _Error as e:
+            self.metrics.observe("predict", e.status, _now() - t0, e.kind)
+            return e.response(close=e.status == 413)
+        except Exception as e:  # a bug answers 500 JSON, not a dropped socket
+            log.exception("predict failed unexpectedly")
+            err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+            self.metrics.observe("predict", 500, _now() - t0, err.kind)
+            return err.response()
+        self.metrics.observe("predict", 200, _now() - t0)
+        return resp
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        served = self.served
+        match = request.match_info
+        pinned = self._pinned_version(match)
+        self._check_name(match["name"], pinned)
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise _Error(413, self._too_large_message(length), "too_large")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Error(413, self._too_large_message(None), "too_large") from None
+        servable = served.current
+        if servable is None:
+            raise self._unavailable(f"Model '{served.name}' has no version loaded yet.")
+        if pinned is not None and pinned != servable.current_version:
+            raise self._no_version(pinned)
+        try:
+            if len(body) > _OFFLOAD_BYTES:
+                x, fmt = await asyncio.get_running_loop().run_in_executor(
+                    None, _parse, body, servable.fields)
+            else:
+                x, fmt = _parse(body, servable.fields)
+            servable, future = self._submit(servable, x)
+            outputs, weight_version = await self._bridge.wait(
+                future, servable.predictor.timeout_s + _DEADLINE_MARGIN_S)
+        except InvalidInputError as e:
+            raise _Error(400, str(e), "invalid_input") from None
+        except Overloaded as e:
+            raise self._unavailable(str(e), "overloaded") from None
+        except PredictorClosed as e:
+            raise self._unavailable(str(e), "closed") from None
+        except TimeoutError as e:
+            raise _Error(504, str(e), "timeout") from None
+        except PredictionFailed as e:
+            raise _Error(500, str(e), "prediction_failed") from None
+        version = servable.label(weight_version)
+        if pinned is not None and version != pinned:
+            raise _Error(404, f"Servable not found for request: Specific({served.name}, "
+                              f"{pinned}): version {version} replaced it while the request "
+                              "waited.", "not_found")
+        try:
+            if getattr(outputs, "nbytes", 0) > _OFFLOAD_BYTES:
+                payload = await asyncio.get_running_loop().run_in_executor(
+                    None, format_predictions, outputs, servable.outputs, fmt)
+            else:
+                payload = format_predictions(outputs, servable.outputs, fmt)
+        except (TypeError, ValueError) as e:
+            raise _Error(500, f"Could not encode the answer as JSON: {e}", "internal") from None
+        return web.Response(body=payload, headers={
+            "Content-Type": "application/json",
+            "X-Model-Version": str(version),
+            "X-Weight-Version": str(weight_version),
+        })
+
+    def _submit(self, servable: Servable, x: Any) -> tuple[Servable, Future]:
+        try:
+            return servable, servable.predictor.submit(x, return_version=True)
+        except PredictorClosed:
+            current = self.served.current  # swapped out under us: the new one answers
+            if current is None or current is servable:
+                raise
+            return current, current.predictor.submit(x, return_version=True)
+
+    def _unavailable(self, message: str, kind: str = "unavailable") -> _Error:
+        return _Error(503, message, kind, retry_after=self.retry_after_s)
+
+    def _no_version(self, version: Any) -> _Error:
+        return _Error(404, f"Servable not found for request: Specific({self.served.name}, "
+                           f"{version})", "not_found")
+
+    def _pinned_version(self, match: Any) -> int | None:
+        v = match.get("version")
+        if v is None:
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            raise _Error(404, f"Invalid version {v!r}: versions are integers.",
+                         "not_found") from None
+
+    def _check_name(self, name: str, pinned: int | None) -> None:
+        if name != self.served.name:
+            which = f"Latest({name})" if pinned is None else f"Specific({name}, {pinned})"
+            raise _Error(404, f"Servable not found for request: {which}", "not_found")
+
+    # -------------------------------------------------------- the others
+
+    async def status(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{name}[/versions/{v}]`: TF Serving's model status."""
+        try:
+            pinned = self._pinned_version(request.match_info)
+            name = request.match_info["name"]
+            if name != self.served.name:
+                raise _Error(404, f"Could not find any versions of model {name}", "not_found")
+            entries = self.served.status(pinned)
+            if not entries:
+                raise (self._no_version(pinned) if pinned is not None else _Error(
+                    404, f"Could not find any versions of model {name}", "not_found"))
+        except _Error as e:
+            self.metrics.observe("status", e.status, error_kind=e.kind)
+            return e.response()
+        self.metrics.observe("status", 200)
+        return _json({"model_version_status": entries})
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{name}[/versions/{v}]/metadata`: inputs and outputs."""
+        try:
+            pinned = self._pinned_version(request.match_info)
+            self._check_name(request.match_info["name"], pinned)
+            servable = self.served.current
+            if servable is None:
+                raise self._unavailable(f"Model '{self.served.name}' has no version loaded yet.")
+            version = servable.current_version
+            if pinned is not None and pinned != version:
+                raise self._no_version(pinned)
+        except _Error as e:
+            self.metrics.observe("metadata", e.status, error_kind=e.kind)
+            return e.response()
+        self.metrics.observe("metadata", 200)
+        return _json(metadata_doc(self.served.name, version, servable.fields, servable.outputs))
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """`GET /metrics`: Prometheus text format."""
+        self.metrics.observe("metrics", 200)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """`GET /healthz`: 200 while a version is served, else 503."""
+        servable = self.served.current
+        if servable is None:
+            err = self._unavailable(f"Model '{self.served.name}' has no version loaded yet.")
+            self.metrics.observe("healthz", 503, error_kind=err.kind)
+            return err.response()
+        self.metrics.observe("healthz", 200)
+        return _json({"status": "ok", "model": self.served.name,
+                      "version": str(servable.current_version)})

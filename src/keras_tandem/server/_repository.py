@@ -1,0 +1,395 @@
+"""What the server serves, and loading new versions of it.
+
+Owns:
+- `Servable`: one Predictor and what the server knows about it (inputs,
+  outputs, the model version each of its weight versions belongs to).
+- `ServedModel`: the servable now answering, swapped atomically, and the
+  TF Serving state (`LOADING`, `AVAILABLE`, `END`) of every version seen.
+- `VersionWatcher`: polls a TF Serving-style base directory (`BASE/1/model.keras`,
+  `BASE/2/...`), loads a new version once its file is complete, warms it up
+  and swaps it in: `update_weights` for the same architecture, a new
+  Predictor otherwise. A version that fails to load is reported and the old
+  one keeps serving.
+
+All prediction work stays in `Predictor`; this module only decides which
+Predictor answers and what to call its versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_tandem.predictor import Predictor
+from keras_tandem.server._protocol import OutputSpec, version_status
+
+log = logging.getLogger("keras_tandem.server")
+
+LOADING, AVAILABLE, END = "LOADING", "AVAILABLE", "END"
+
+
+def probe_outputs(predictor: Predictor, names: list[str] | None = None) -> OutputSpec:
+    """Runs one all-zeros example through `predictor` and describes its outputs.
+
+    This doubles as the warm-up of a new Predictor: it proves the forward
+    pass runs before any client is sent to it.
+
+    Args:
+        predictor: the Predictor to probe.
+        names: the model's output names, if known.
+
+    Returns:
+        The `OutputSpec` of one example's outputs.
+    """
+    fields = predictor._signature.fields
+    example = {f.name: np.zeros(f.shape, f.dtype) for f in fields}
+    return OutputSpec.from_example(predictor.predict(example), names)
+
+
+def output_names(model: Any) -> list[str] | None:
+    """The Keras model's output names, when it has them."""
+    try:
+        names = list(model.output_names)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return [str(n) for n in names] or None
+
+
+def architecture_of(model: Any) -> str:
+    """A fingerprint of a Keras model's architecture (config and weight shapes)."""
+    try:
+        config = model.get_config()
+    except Exception:  # noqa: BLE001 - an unserializable config: never "the same"
+        config = {"unique": id(model)}
+    shapes = [(tuple(w.shape), str(w.dtype)) for w in model.weights]
+    return json.dumps([config, shapes], sort_keys=True, default=str)
+
+
+class Servable:
+    """One Predictor and the server's view of it.
+
+    Args:
+        predictor: the Predictor that answers.
+        outputs: its `OutputSpec`.
+        version: the model version it serves (a directory number), or None to
+            report the Predictor's own weight version (a Predictor that
+            training updates in-process).
+        owned: whether the server created it (and so closes it).
+        architecture: the fingerprint of the model it was built from.
+    """
+
+    def __init__(self, predictor: Predictor, outputs: OutputSpec, version: int | None,
+                 owned: bool, architecture: str | None = None):
+        self.predictor = predictor
+        self.fields = predictor._signature.fields
+        self.outputs = outputs
+        self.owned = owned
+        self.architecture = architecture
+        self.follows_weights = version is None
+        self.version = version
+        self._labels = {predictor.version: version}  # weight version -> model version
+        self._pending: int | None = None
+
+    @property
+    def current_version(self) -> int:
+        """The model version answering new requests."""
+        return self.predictor.version if self.follows_weights else self.version
+
+    def label(self, weight_version: int) -> int:
+        """The model version that a weight version of this Predictor belongs to."""
+        if self.follows_weights:
+            return weight_version
+        v = self._labels.get(weight_version)
+        if v is None:  # answered by weights whose swap is being recorded right now
+            v = self._pending if self._pending is not None else self.version
+        return v
+
+    def swap_weights(self, model: Any, version: int) -> int:
+        """Swaps `model`'s weights in as `version`; returns the new weight version."""
+        self._pending = version
+        try:
+            weight_version = self.predictor.update_weights(model)
+            self._labels[weight_version] = version
+            self.version = version
+        finally:
+            self._pending = None
+        return weight_version
+
+
+@dataclass
+class _VersionState:
+    state: str
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class ServedModel:
+    """The servable now answering for one model name, and its versions' states.
+
+    Args:
+        name: the model name in URLs.
+        servable: what serves at first (None until a first version loads).
+    """
+
+    def __init__(self, name: str, servable: Servable | None = None):
+        self.name = name
+        self.current = servable
+        self.load_failures = 0
+        self._states: dict[int, _VersionState] = {}
+        self._lock = threading.Lock()
+        # Called (on the loading thread) after a different Predictor took
+        # over, with the one it replaced (already closed) or None.
+        self.on_new_predictor: Callable[[Predictor | None], None] | None = None
+        if servable is not None and not servable.follows_weights:
+            self._states[servable.version] = _VersionState(AVAILABLE)
+
+    def set_state(self, version: int, state: str, error_code: str = "OK",
+                  error_message: str = "") -> None:
+        """Records a version's TF Serving state."""
+        with self._lock:
+            self._states[version] = _VersionState(state, error_code, error_message)
+
+    def state_of(self, version: int) -> str | None:
+        """A version's state, or None if never seen."""
+        with self._lock:
+            s = self._states.get(version)
+            return s.state if s else None
+
+    def fail(self, version: int, error: BaseException) -> None:
+        """Records a failed load of `version` (the served version is untouched)."""
+        message = f"{type(error).__name__}: {error}"
+        with self._lock:
+            self.load_failures += 1
+            self._states[version] = _VersionState(END, "UNKNOWN", message)
+        log.error("model %r version %s failed to load; still serving %s. %s",
+                  self.name, version, self.current.current_version if self.current else None,
+                  message)
+
+    def status(self, version: int | None = None) -> list[dict[str, Any]]:
+        """TF Serving's `model_version_status` list (newest first).
+
+        Args:
+            version: only this version (empty list if unknown).
+        """
+        cur = self.current
+        if cur is not None and cur.follows_weights:
+            entries = [version_status(cur.current_version, AVAILABLE)]
+        else:
+            with self._lock:
+                entries = [version_status(v, s.state, s.error_code, s.error_message)
+                           for v, s in sorted(self._states.items(), reverse=True)]
+        if version is not None:
+            entries = [e for e in entries if e["version"] == str(version)]
+        return entries
+
+    def install(self, servable: Servable, replaced_version: int | None = None) -> None:
+        """Makes `servable` answer new requests; retires (closes) the one it replaces.
+
+        Args:
+            servable: the new servable (or the current one, after a weight swap).
+            replaced_version: the model version that served until now.
+        """
+        old = self.current
+        self.current = servable
+        if replaced_version is not None and replaced_version != servable.version:
+            self.set_state(replaced_version, END)
+        self.set_state(servable.version, AVAILABLE)
+        if old is not None and old.predictor is servable.predictor:
+            return
+        if old is not None and old.owned:
+            old.predictor.close()  # answers everything already queued on it
+        if self.on_new_predictor is not None:
+            self.on_new_predictor(None if old is None else old.predictor)
+
+
+def find_model_file(version_dir: Path) -> Path | None:
+    """`model.keras` in a version directory, else its only `*.keras` file."""
+    f = version_dir / "model.keras"
+    if f.is_file():
+        return f
+    found = sorted(version_dir.glob("*.keras"))
+    return found[0] if len(found) == 1 else None
+
+
+def is_complete_keras_file(path: Path) -> bool:
+    """Whether `path` is a whole `.keras` archive (a zip whose entries all check)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "config.json" in z.namelist() and z.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def load_keras_model(path: Path) -> Any:
+    """Loads a `.keras` file with `safe_mode=True` (no code from the file runs)."""
+    import keras
+
+    return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+
+
+def servable_from_model(model: Any, version: int,
+                        predictor_options: dict[str, Any]) -> Servable:
+    """A new, warmed-up Predictor for a loaded Keras model.
+
+    Args:
+        model: the loaded model.
+        version: its model version.
+        predictor_options: keyword arguments for `Predictor`.
+
+    Returns:
+        A `Servable` owned by the server.
+    """
+    predictor = Predictor(model, **predictor_options)
+    try:
+        outputs = probe_outputs(predictor, output_names(model))
+    except BaseException:
+        predictor.close()
+        raise
+    return Servable(predictor, outputs, version, owned=True,
+                    architecture=architecture_of(model))
+
+
+class VersionWatcher:
+    """Polls a base directory of numbered versions and serves the newest.
+
+    A version is loaded once its model file is complete: a valid `.keras`
+    zip whose size and modification time did not change between two polls.
+    A file that is not a valid archive is reported as failed only once it
+    has not changed for `settle_s` (a writer may pause); if it changes
+    later, it is tried again. Writers should still prefer writing elsewhere
+    and renaming the version directory into place.
+
+    Args:
+        served: the `ServedModel` to update.
+        base_dir: the directory holding `1/`, `2/`, ...
+        predictor_options: keyword arguments for each new `Predictor`.
+        poll_interval_s: seconds between scans.
+        settle_s: how long an invalid archive must stay unchanged before it
+            is reported as failed (default: the larger of 2 s and 3 polls).
+    """
+
+    def __init__(self, served: ServedModel, base_dir: str | os.PathLike,
+                 predictor_options: dict[str, Any], poll_interval_s: float = 1.0,
+                 settle_s: float | None = None):
+        self.served = served
+        self.base_dir = Path(base_dir)
+        self.predictor_options = predictor_options
+        self.poll_interval_s = poll_interval_s
+        self.settle_s = max(2.0, 3 * poll_interval_s) if settle_s is None else settle_s
+        self._seen: dict[int, tuple[int, int]] = {}  # version -> (size, mtime_ns) last poll
+        self._failed: dict[int, tuple[int, int]] = {}  # version -> signature that failed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def scan(self) -> dict[int, Path | None]:
+        """Numbered version directories and their model files (None: none yet)."""
+        found: dict[int, Path | None] = {}
+        try:
+            entries = list(os.scandir(self.base_dir))
+        except OSError:
+            return found
+        for e in entries:
+            if e.name.isdigit() and e.is_dir():
+                found[int(e.name)] = find_model_file(Path(e.path))
+        return found
+
+    def load_initial(self) -> None:
+        """Loads the newest complete version now, falling back to older ones."""
+        versions = self.scan()
+        for v in sorted(versions, reverse=True):
+            path = versions[v]
+            if path is None or not is_complete_keras_file(path):
+                continue
+            if self._load(v, path, _signature(path)):
+                return
+
+    def poll_once(self) -> None:
+        """One scan: loads the newest complete version newer than the one served."""
+        cur = self.served.current
+        newest = cur.version if cur is not None else None
+        versions = self.scan()
+        seen, self._seen = self._seen, {}
+        candidates = []
+        for v, path in versions.items():
+            if path is None or (newest is not None and v <= newest):
+                continue
+            sig = _signature(path)
+            if sig is None:
+                continue
+            self._seen[v] = sig
+            if seen.get(v) != sig or self._failed.get(v) == sig:
+                continue  # still changing, or this exact file already failed
+            candidates.append((v, path, sig))
+        for v, path, sig in sorted(candidates, reverse=True):
+            if not is_complete_keras_file(path):
+                if time.time() - sig[1] / 1e9 < self.settle_s:
+                    continue  # probably still being written: look again later
+                self._failed[v] = sig
+                self.served.fail(v, ValueError(
+                    f"{path} is not a complete .keras archive (its size stopped changing, but "
+                    "it is not a valid zip with a config.json)."))
+                continue
+            if self._load(v, path, sig):
+                return
+
+    def _load(self, version: int, path: Path, sig: tuple[int, int] | None) -> bool:
+        served = self.served
+        previous = served.state_of(version)
+        served.set_state(version, LOADING)
+        log.info("model %r: loading version %s from %s", served.name, version, path)
+        try:
+            model = load_keras_model(path)
+            cur = served.current
+            replaced = cur.version if cur is not None else None
+            if cur is not None and cur.owned and cur.architecture == architecture_of(model):
+                cur.swap_weights(model, version)
+                served.install(cur, replaced)
+            else:
+                new = servable_from_model(model, version, self.predictor_options)
+                served.install(new, replaced)
+        except Exception as e:  # noqa: BLE001 - reported; the old version keeps serving
+            if sig is not None:
+                self._failed[version] = sig
+            served.fail(version, e)
+            return False
+        if previous is None or previous != AVAILABLE:
+            log.info("model %r: now serving version %s", served.name, version)
+        return True
+
+    def start(self) -> None:
+        """Starts polling on a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="keras-tandem-watcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops polling (waits for a load in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # the watcher must outlive one bad scan
+                log.exception("model %r: scanning %s failed", self.served.name, self.base_dir)
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+

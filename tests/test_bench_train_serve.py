@@ -1,0 +1,25 @@
+"""`tandem bench train-serve` runs end to end (tiny settings) and reports its ratios."""
+
+import json
+
+from keras_tandem import cli
+
+
+def test_train_serve_bench_reports_every_ratio(tmp_path, capsys):
+    out = tmp_path / "train-serve.json"
+    args = cli.build_parser().parse_args([
+        "bench", "train-serve", "--quick", "--skip-naive", "--reps", "1", "--seconds", "0.3",
+        "--rate", "200", "--threads", "4", "--json", str(out)])
+    assert args.run(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["scenario"] == "train-serve" and doc["config"]["rate"] == 200
+    rows = {r["case"]: r for r in doc["rows"]}
+    assert set(rows) == {"alone", "Predictor, open loop", "Predictor, closed loop"}
+    for case in ("Predictor, open loop", "Predictor, closed loop"):
+        assert rows[case]["train_sps"] > 0 and rows[case]["served_rps"] > 0
+        assert rows[case]["versions_published"] >= 1 and rows[case]["versions_served"] >= 1
+    printed = capsys.readouterr().out
+    for name in ("train_vs_alone", "train_vs_alone_naive", "train_vs_alone_closed",
+                 "served_fraction", "p99_ms"):
+        assert name in doc["ratios"] and f"\n{name}=" in printed
+    assert doc["ratios"]["train_vs_alone"] > 0 and doc["ratios"]["train_vs_alone_naive"] is None
