@@ -24,6 +24,9 @@ _now = time.perf_counter
 class Request:
     """One caller's rows, waiting for an answer.
 
+    `arrays` holds the rows as one flat, C-contiguous byte view per model
+    input, ready to be copied into the batch buffer.
+
     Exactly one of `waiter` (a held lock, released when the answer is ready)
     and `future` is set. `more_follow` marks a chunk of a split request that
     has further chunks queued right behind it: no weight swap may come

@@ -20,6 +20,7 @@ import numpy as np
 from keras_tandem._signature import InputSignature
 
 _TRACE_LOCK = threading.Lock()
+_ZERO_BYTES_MAX = 16 << 20  # larger padding is zeroed with NumPy instead
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
@@ -117,6 +118,10 @@ class CompiledForward:
                 b += 1
             self.bucket_of[n] = self.buckets[b]
         self.buffers = [np.zeros((max_rows, *f.shape), f.dtype) for f in signature.fields]
+        self._buffer_bytes = [memoryview(b.reshape(-1).view(np.uint8)) for b in self.buffers]
+        self._row_bytes = [b[0].nbytes for b in self.buffers]
+        pad_bytes = max(self._row_bytes) * max_rows
+        self._zeros = memoryview(bytes(pad_bytes)) if pad_bytes <= _ZERO_BYTES_MAX else None
         self.layout = weight_layout(model)
         self.weight_specs = [(tuple(w.shape), np.dtype(w.dtype)) for w in model.weights]
         self.weight_names = [w.path for w in model.weights]
@@ -161,6 +166,32 @@ class CompiledForward:
 
     def _constant(self, value: np.ndarray):
         return self._tf.constant(value)
+
+    def fill(self, requests: Sequence[Any], rows: int, bucket: int) -> None:
+        """Copies the requests' rows into the batch buffers and zero-pads to `bucket`.
+
+        Plain memcpy through byte views: unlike a NumPy copy of this size, it
+        keeps the GIL, so the worker does not queue behind every client
+        thread to get it back before the forward pass.
+
+        Args:
+            requests: objects whose `arrays` are flat byte views, one per input.
+            rows: their rows in all.
+            bucket: the batch size the forward pass runs at (>= rows).
+        """
+        for k, view in enumerate(self._buffer_bytes):
+            pos = 0
+            for r in requests:
+                data = r.arrays[k]
+                end = pos + len(data)
+                view[pos:end] = data
+                pos = end
+            if rows < bucket:  # padding rows are zeros, never stale rows
+                pad_end = bucket * self._row_bytes[k]
+                if self._zeros is not None:
+                    view[pos:pad_end] = self._zeros[:pad_end - pos]
+                else:
+                    self.buffers[k][rows:bucket] = 0
 
     def run(self, bucket: int) -> list[np.ndarray]:
         """Runs the first `bucket` rows of the batch buffers through the model.

@@ -160,7 +160,7 @@ class Predictor:
         else:
             waiter = allocate_lock()
             waiter.acquire()
-            request = Request(arrays, rows, single, waiter, None, deadline)
+            request = Request(_as_bytes(arrays), rows, single, waiter, None, deadline)
             self._queue.put(request)
             if not waiter.acquire(True, self.timeout_s):
                 request.abandoned = True
@@ -186,7 +186,7 @@ class Predictor:
         deadline = _now() + self.timeout_s
         future: Future = Future()
         if rows <= self.max_batch_size:
-            self._queue.put(Request(arrays, rows, single, None, future, deadline,
+            self._queue.put(Request(_as_bytes(arrays), rows, single, None, future, deadline,
                                     with_version=return_version))
             return future
         chunks = self._put_chunks(arrays, rows, deadline)
@@ -301,7 +301,8 @@ class Predictor:
 
     def _parse(self, x: Any) -> tuple[tuple[np.ndarray, ...], int, bool]:
         f = self._fast_field
-        if f is not None and type(x) is np.ndarray and x.dtype == f.dtype:
+        if (f is not None and type(x) is np.ndarray and x.dtype == f.dtype
+                and x.flags.c_contiguous):
             # Fast path: the common request needs no conversion.
             if x.shape == f.shape:
                 return (x[None],), 1, True
@@ -315,14 +316,14 @@ class Predictor:
             raise
         if single:
             arrays = tuple(a[None] for a in arrays)
-        return arrays, rows, single
+        return tuple(np.ascontiguousarray(a) for a in arrays), rows, single
 
     def _put_chunks(self, arrays, rows: int, deadline: float) -> list[Future]:
         step = self.max_batch_size
         starts = range(0, rows, step)
         futures = [Future() for _ in starts]
         chunks = [
-            Request(tuple(a[s:s + step] for a in arrays), min(step, rows - s), False, None,
+            Request(_as_bytes([a[s:s + step] for a in arrays]), min(step, rows - s), False, None,
                     f, deadline, with_version=True, more_follow=s + step < rows)
             for s, f in zip(starts, futures)
         ]
@@ -422,10 +423,7 @@ class Predictor:
         for r in live:
             rows += r.rows
         bucket = forward.bucket_of[rows]
-        for k, buf in enumerate(forward.buffers):
-            np.concatenate([r.arrays[k] for r in live], axis=0, out=buf[:rows])
-            if rows < bucket:
-                buf[rows:bucket] = 0  # padding rows are zeros, never stale rows
+        forward.fill(live, rows, bucket)
         version = self._version
         try:
             outputs = forward.run(bucket)
@@ -462,3 +460,14 @@ class Predictor:
         done = _now()
         self._stats.record_batch(len(live), rows,
                                  done - np.fromiter((r.enqueued for r in live), float, len(live)))
+
+
+def _as_bytes(arrays) -> tuple[memoryview, ...]:
+    """Flat byte views of C-contiguous arrays: the worker copies them with a memcpy."""
+    views = []
+    for a in arrays:
+        try:
+            views.append(memoryview(a).cast("B"))
+        except (TypeError, ValueError):  # dtypes the buffer protocol cannot name
+            views.append(memoryview(a.reshape(-1).view(np.uint8)))
+    return tuple(views)
