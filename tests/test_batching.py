@@ -25,9 +25,9 @@ def test_take_returns_everything_queued_up_to_max_rows_in_fifo_order():
     reqs = [request(rows) for rows in (1, 2, 1, 3, 1)]
     for r in reqs:
         q.put(r)
-    first = q.take(busy=False)
+    first = q.take()
     assert first == reqs[:3]  # 1 + 2 + 1 rows; the 3-row request would overflow 5
-    assert q.take(busy=False) == reqs[3:]
+    assert q.take() == reqs[3:]
     assert len(q) == 0
 
 
@@ -49,14 +49,14 @@ def test_close_refuses_new_but_drains_queued():
     q.close()
     with pytest.raises(PredictorClosed):
         q.put(request())
-    assert q.take(busy=False) == [r]
-    assert q.take(busy=False) is None
+    assert q.take() == [r]
+    assert q.take() is None
 
 
 def test_take_blocks_until_put_and_wake_returns_empty():
     q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0)
     got = []
-    t = threading.Thread(target=lambda: got.append(q.take(busy=False)))
+    t = threading.Thread(target=lambda: got.append(q.take()))
     t.start()
     time.sleep(0.05)
     assert not got  # still waiting: nothing queued
@@ -65,19 +65,29 @@ def test_take_blocks_until_put_and_wake_returns_empty():
     t.join(5)
     assert got == [[r]]
     q.wake()
-    assert q.take(busy=False) == []
+    assert q.take() == []
 
 
-def test_idle_take_does_not_wait_for_max_delay_but_busy_take_may():
-    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0.3)
+def test_idle_take_does_not_wait_but_a_busy_one_waits_for_the_expected_rows():
+    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=5.0)
     q.put(request())
     t = time.monotonic()
-    assert len(q.take(busy=False)) == 1
-    assert time.monotonic() - t < 0.25
+    assert len(q.take()) == 1  # idle: runs at once
+    assert time.monotonic() - t < 2.0
     q.put(request())
     threading.Timer(0.05, lambda: q.put(request())).start()
-    batch = q.take(busy=True)  # waits for the second request to arrive
+    t = time.monotonic()
+    batch = q.take(expect_rows=2)  # waits for the second request, not for 8 rows
     assert len(batch) == 2
+    assert time.monotonic() - t < 2.0
+
+
+def test_busy_take_waits_at_most_max_delay():
+    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0.2)
+    q.put(request())
+    t = time.monotonic()
+    assert len(q.take(expect_rows=4)) == 1
+    assert 0.15 < time.monotonic() - t < 5.0
 
 
 def test_request_finish_and_fail_reach_future_and_waiter():

@@ -90,7 +90,8 @@ class BatchQueue:
         capacity: most requests that may wait; `put` beyond it raises `Overloaded`.
         max_rows: most rows in one batch.
         max_delay_s: under load, how long the worker may wait for a batch to
-            fill. A request arriving at an idle worker never waits for it.
+            fill to the size of the last one. A request arriving at an idle
+            worker never waits for it.
     """
 
     def __init__(self, capacity: int, max_rows: int, max_delay_s: float):
@@ -158,12 +159,14 @@ class BatchQueue:
             self._closed = True
             self._ready.notify()
 
-    def take(self, busy: bool) -> list[Request] | None:
+    def take(self, expect_rows: int = 0) -> list[Request] | None:
         """Blocks until requests are queued and returns a batch of them.
 
         Args:
-            busy: whether the worker just ran a batch of several requests; only
-                then may it wait up to `max_delay_s` for the batch to fill.
+            expect_rows: rows the worker expects soon, from the size of its
+                last batch. While fewer are queued, it may wait up to
+                `max_delay_s` (from the oldest request) for them; with 0 or 1
+                (an idle worker, a lone caller) it never waits.
 
         Returns:
             Requests in FIFO order with at most `max_rows` rows in all; an empty
@@ -180,16 +183,16 @@ class BatchQueue:
                 self._worker_waiting = True
                 self._ready.wait()
                 self._worker_waiting = False
-            if busy and self.max_delay_s > 0 and not self._closed:
-                self._wait_to_fill(items)
+            if expect_rows > 1 and self.max_delay_s > 0 and not self._closed:
+                self._wait_to_fill(items, min(expect_rows, self.max_rows))
             self._wake_requested = False
             return self._pop_batch(items)
 
-    def _wait_to_fill(self, items: collections.deque[Request]) -> None:
-        # Called with the lock held. Waits until max_rows are queued or the
+    def _wait_to_fill(self, items: collections.deque[Request], rows: int) -> None:
+        # Called with the lock held. Waits until `rows` are queued or the
         # oldest request has waited max_delay_s, whichever comes first.
         deadline = items[0].enqueued + self.max_delay_s
-        while self._rows < self.max_rows:
+        while self._rows < rows:
             remaining = deadline - _now()
             if remaining <= 0 or self._closed or self._wake_requested:
                 return

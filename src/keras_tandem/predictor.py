@@ -367,18 +367,18 @@ class Predictor:
             started.set_exception(e)
             return
         started.set_result(None)
-        busy = False
+        expect_rows = 0
         swap_blocked = False
         while True:
             if self._swaps and not swap_blocked:
                 self._apply_swaps()
-            batch = self._queue.take(busy)
+            batch = self._queue.take(expect_rows)
             if batch is None:
                 break
             if not batch:
                 continue
             swap_blocked = batch[-1].more_follow
-            busy = len(batch) > 1
+            expect_rows = sum(r.rows for r in batch) if len(batch) > 1 else 0
             try:
                 self._run_batch(batch)
             except BaseException as e:  # noqa: BLE001 - a bug here must not strand callers
