@@ -431,3 +431,15 @@ def test_rejects_invalid_construction():
         Predictor(seq)
     with Predictor(seq, input_signature=keras.Input((4, 3))) as p:
         assert p.predict(np.zeros((4, 3))).shape == (4, 1)
+
+
+def test_jit_compile_is_opt_in_and_traces_each_bucket_once():
+    model = mlp()
+    xs = np.random.default_rng(0).normal(size=(11, 8)).astype(np.float32)
+    with Predictor(model, max_batch_size=8, jit_compile=True) as p:
+        traces = p.stats()["traces"]
+        assert traces == 4  # buckets 1, 2, 4, 8, all traced at construction
+        np.testing.assert_allclose(p.predict(xs), reference(model, xs), rtol=1e-4, atol=1e-5)
+        assert p.stats()["traces"] == traces
+    with Predictor(model, max_batch_size=8) as p:
+        assert p.stats()["traces"] == 1  # without XLA: one shape-polymorphic trace
