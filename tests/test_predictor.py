@@ -443,3 +443,22 @@ def test_jit_compile_is_opt_in_and_traces_each_bucket_once():
         assert p.stats()["traces"] == traces
     with Predictor(model, max_batch_size=8) as p:
         assert p.stats()["traces"] == 1  # without XLA: one shape-polymorphic trace
+
+
+def test_model_with_control_flow():
+    class Branchy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            y = self.dense(x)
+            y = tf.cond(tf.reduce_sum(x) > 0, lambda: y * 2.0, lambda: y - 1.0)
+            _, y = tf.while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y + 1.0), (0, y))
+            return y
+
+    model = Branchy()
+    model(np.zeros((1, 4), np.float32))
+    with Predictor(model, input_signature=keras.Input((4,))) as p:
+        for x in (np.ones((2, 4)), -np.ones((2, 4))):
+            np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-5)

@@ -367,6 +367,11 @@ class Predictor:
             started.set_exception(e)
             return
         started.set_result(None)
+        with self._forward.executor_scope():
+            self._serve_batches()
+
+    def _serve_batches(self) -> None:
+        """The worker's loop: apply weight swaps, take a batch, run it, until closed."""
         expect_rows = 0
         swap_blocked = False
         while True:
