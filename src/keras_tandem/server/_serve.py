@@ -141,7 +141,7 @@ def _freeze_gc() -> None:
 
 
 def serve(
-    model: Any,
+    predictor: Any,
     *,
     name: str,
     host: str = "127.0.0.1",
@@ -163,7 +163,7 @@ def serve(
     `X-Weight-Version` headers.
 
     Args:
-        model: what to serve:
+        predictor: what to serve:
             - a `Predictor` (yours: training may keep calling `update_weights`
               on it; the version served is its weight version; `stop()` does
               not close it);
@@ -199,16 +199,16 @@ def serve(
         A `ServerHandle` (`url`, `port`, `version`, `stop()`); a context manager.
 
     Raises:
-        ValueError: `model` is a path with nothing loadable, or of an unknown kind.
+        ValueError: `predictor` is a path with nothing loadable, or of an unknown kind.
         OSError: the address is in use.
     """
     options = dict(predictor_options or {})
     watcher = None
-    if isinstance(model, Predictor):
-        served = ServedModel(name, Servable(model, probe_outputs(model, output_names),
+    if isinstance(predictor, Predictor):
+        served = ServedModel(name, Servable(predictor, probe_outputs(predictor, output_names),
                                             version=None, owned=False))
-    elif isinstance(model, (str, os.PathLike)):
-        path = Path(model)
+    elif isinstance(predictor, (str, os.PathLike)):
+        path = Path(predictor)
         if path.is_dir():
             served = ServedModel(name)
             watcher = VersionWatcher(served, path, options, poll_interval_s)
@@ -220,13 +220,13 @@ def serve(
         else:
             raise ValueError(f"{path} does not exist: pass a .keras file or a base directory "
                              "with numbered version subdirectories.")
-    elif hasattr(model, "get_weights"):
-        predictor = Predictor(model, **options)
-        served = ServedModel(name, Servable(predictor, probe_outputs(predictor, output_names),
+    elif hasattr(predictor, "get_weights"):  # a Keras model: wrap it in our own Predictor
+        own = Predictor(predictor, **options)
+        served = ServedModel(name, Servable(own, probe_outputs(own, output_names),
                                             version=None, owned=True))
     else:
         raise ValueError(f"serve() takes a Predictor, a Keras model or a path; got "
-                         f"{type(model).__name__}.")
+                         f"{type(predictor).__name__}.")
     first = served.current
     metrics = ServerMetrics(
         name,
