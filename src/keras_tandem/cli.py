@@ -3,6 +3,8 @@
 Subcommands:
 - `tandem bench SCENARIO`: benchmarks, one module each in `keras_tandem.bench`.
 - `tandem demo`: train in the background while threads predict (see `demo.py`).
+- `tandem serve`, `tandem worker` (a local multi-worker cluster, `launcher.py`),
+  `tandem data-service dispatcher|worker` (`data_service.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ BENCHES = {
     "http": "keras_tandem.bench.http",
     "train-serve": "keras_tandem.bench.train_serve",
     "pipeline": "keras_tandem.bench.pipeline",
+    "scale": "keras_tandem.bench.scale",
 }
 
 # Other subcommands -> module exposing add_arguments() and run().
 COMMANDS = {
     "demo": ("keras_tandem.demo", "train a model in the background while threads predict"),
     "serve": ("keras_tandem.server.cli", "serve a model over HTTP (TF Serving's REST API)"),
+    "worker": ("keras_tandem.launcher", "train on a local multi-worker cluster (127.0.0.1)"),
+    "data-service": ("keras_tandem.data_service",
+                     "run a tf.data service dispatcher or worker"),
 }
 
 

@@ -3,8 +3,8 @@
 Owns `choose_strategy` (what to train under) and `describe_strategy` (one
 line saying what was picked, also logged). The choice itself is a pure
 function of TF_CONFIG and the device lists (`_plan`), so it can be tested
-without the hardware. Multi-worker training proper comes in a later issue:
-here a multi-worker cluster only gets its strategy.
+without the hardware. Training under the multi-worker strategy is
+`_multiworker.py`'s (used by `train_in_background`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from typing import Any
 log = logging.getLogger("keras_tandem.distribute")
 
 
-def choose_strategy(devices: str | Sequence[str] | None = None) -> Any:
+# Default bound on one collective (all-reduce) of a multi-worker step; see choose_strategy.
+COLLECTIVE_TIMEOUT_S = 120.0
+_TIMEOUT_ENV = "KERAS_TANDEM_COLLECTIVE_TIMEOUT_S"
+
+
+def choose_strategy(devices: str | Sequence[str] | None = None, *,
+                    collective_timeout_s: float | None = None) -> Any:
     """Returns the `tf.distribute.Strategy` to build and train a model under.
 
     Without `devices`: `MultiWorkerMirroredStrategy` when TF_CONFIG names a
@@ -37,6 +43,12 @@ def choose_strategy(devices: str | Sequence[str] | None = None) -> Any:
             a list of device names (`["/cpu:0", "/cpu:1"]`): `MirroredStrategy`
             across them when there are several, `OneDeviceStrategy` for one.
             Overrides TF_CONFIG.
+        collective_timeout_s: multi-worker only: the most seconds one
+            collective may wait for the other workers before it fails (so a
+            survivor of a dead worker stops instead of hanging). Default: the
+            `KERAS_TANDEM_COLLECTIVE_TIMEOUT_S` environment variable, else
+            120. It must exceed the longest pause of any worker between two
+            steps (a checkpoint save, the first step's tracing).
 
     Returns:
         The strategy; `describe_strategy` says in one line what it is.
@@ -53,8 +65,11 @@ def choose_strategy(devices: str | Sequence[str] | None = None) -> Any:
     if devices is None and _workers(tf_config) > 1:
         # Before anything that initialises TensorFlow's runtime (listing logical
         # devices does): collective ops can only be configured before that.
+        timeout = collective_timeout_s or float(os.environ.get(_TIMEOUT_ENV)
+                                                or COLLECTIVE_TIMEOUT_S)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         except RuntimeError as e:
             raise RuntimeError(
                 "TF_CONFIG names a multi-worker cluster, but TensorFlow's runtime already "

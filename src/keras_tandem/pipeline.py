@@ -47,6 +47,9 @@ def make_pipeline(
     deterministic: bool = False,
     drop_remainder: bool = False,
     io_threads: int | None = None,
+    service: str | None = None,
+    service_sharding: str = "dynamic",
+    service_job_name: str | None = None,
 ) -> tf.data.Dataset:
     """Builds a tuned `tf.data.Dataset` of batches.
 
@@ -55,9 +58,9 @@ def make_pipeline(
     `vectorized=True` the preprocess runs after `batch`, once per batch: far
     less per-element overhead for TensorFlow ops that accept a batch axis.
     Maps use `num_parallel_calls=AUTOTUNE`; the dataset ends in
-    `prefetch(AUTOTUNE)`. (A later version adds `service=ADDRESS` to run the
-    preprocess on a tf.data service; it will sit between preprocess and
-    prefetch.)
+    `prefetch(AUTOTUNE)`. With `service=ADDRESS` everything before the
+    prefetch runs on the workers of a tf.data service, and this process only
+    receives the batches.
 
     Args:
         source: NumPy arrays: `x`, a tuple `(x, y)` or `(x, y, sample_weight)`,
@@ -102,6 +105,18 @@ def make_pipeline(
             reads, RPCs, `time.sleep` in `tf.py_function`): give the pipeline a
             private pool of this many threads. AUTOTUNE runs at most one call
             per pool thread, and the default pool has one per core.
+        service: a tf.data service dispatcher, `grpc://host:port` (see
+            `tandem data-service`): the pipeline up to the batches runs on the
+            service's workers. Not for generator sources (their Python runs
+            in this process).
+        service_sharding: how the service splits the data between its
+            workers: `"dynamic"` (default: the dispatcher hands out splits of
+            the source on demand, so every element is seen exactly once per
+            epoch while no worker fails, and faster workers take more) or
+            `"off"` (each worker produces the whole dataset), or another
+            `tf.data.experimental.service.ShardingPolicy` name.
+        service_job_name: share one job (one pass over the data) between
+            the consumers that give the same name; default: a job each.
 
     Returns:
         The `tf.data.Dataset` of batches, ready for `model.fit`.
@@ -120,6 +135,7 @@ def make_pipeline(
         raise ValueError("vectorized=True needs a preprocess function.")
     if cache_preprocessed and not cache:
         raise ValueError("cache_preprocessed=True needs cache=True or a cache path.")
+    sharding = _service_sharding(service_sharding) if service else None
 
     # Shuffling file names is cheaper than a buffer of decoded elements, but a
     # cache would replay the first pass's order: then shuffle after the cache.
@@ -159,9 +175,27 @@ def make_pipeline(
                             num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if run_preprocess and vectorized:
         dataset = dataset.map(preprocess, **map_kwargs)
-    # (A tf.data service stage, `service=ADDRESS` in a later version, goes here.)
+    options = _options(kind, deterministic, io_threads)
+    if service:
+        if kind in ("generator", "iterator"):
+            raise ValueError("A generator source cannot run on a tf.data service (its Python "
+                             "runs in this process): use arrays, files or a tf.data.Dataset.")
+        # The options travel with the dataset to the service's workers.
+        dataset = dataset.with_options(options).apply(tf.data.experimental.service.distribute(
+            processing_mode=sharding, service=service, job_name=service_job_name))
     dataset = dataset.prefetch(AUTOTUNE)
-    return dataset.with_options(_options(kind, deterministic, io_threads))
+    return dataset.with_options(options)
+
+
+def _service_sharding(name: str) -> Any:
+    policy = tf.data.experimental.service.ShardingPolicy
+    key = str(name).upper()
+    if key == "DISTRIBUTED_EPOCH":  # the older name of DYNAMIC
+        key = "DYNAMIC"
+    if key not in policy.__members__:
+        raise ValueError(f"service_sharding must be one of "
+                         f"{[m.lower() for m in policy.__members__]}, got {name!r}.")
+    return policy[key]
 
 
 def _source_dataset(source, decode, reader, output_signature, shuffle_names, seed,

@@ -7,7 +7,9 @@ Separation of concerns:
 - `PublishWeights` (weights.py) owns publishing weights to predictors;
   `train_in_background` only wires one in when `publish_to` is given.
 - Keras owns the loop itself, and checkpoints (`BackupAndRestore`,
-  `ModelCheckpoint`) when `checkpoint_dir` is given.
+  `ModelCheckpoint`) when `checkpoint_dir` is given; under a
+  `MultiWorkerMirroredStrategy`, `_multiworker.fit` owns the loop and the
+  checkpoints instead (Keras 3's `fit` fails there).
 
 The tf.data teardown trap: destroying a used tf.data iterator while autotune
 is on can stall until autotune's next wake-up (up to seconds). Keras drops an
@@ -24,10 +26,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
+import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -135,8 +140,9 @@ class TrainingRun:
     """
 
     def __init__(self, model: Any, fit_args: dict[str, Any], callbacks: list,
-                 publishers: list[PublishWeights]):
+                 publishers: list[PublishWeights], fit: Any = None):
         self._model = model
+        self._fit = fit or model.fit
         self.publishers = publishers
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -217,7 +223,7 @@ class TrainingRun:
 
     def _main(self) -> None:
         try:
-            history = self._model.fit(**self._fit_args)
+            history = self._fit(**self._fit_args)
             if self._history is None:
                 self._history = history
         except BaseException as e:  # noqa: BLE001 - re-raised by join() in the caller
@@ -353,6 +359,15 @@ def _publishers(publish_to: Any, callbacks: Sequence) -> tuple[list, list[Publis
     return own, publishers
 
 
+def _cluster_size() -> int:
+    from keras_tandem.distribute import _workers
+
+    try:
+        return _workers(os.environ.get("TF_CONFIG"))
+    except ValueError:
+        return 0
+
+
 def train_in_background(
     model: Any,
     data: Any,
@@ -388,6 +403,18 @@ def train_in_background(
             `validation_data`, `validation_split`, `steps_per_epoch`,
             `class_weight`, `verbose` (default 0), ...).
 
+    Under a `MultiWorkerMirroredStrategy` (the model built in its scope, see
+    `choose_strategy`), every worker calls this with the same arguments and
+    a loop of keras-tandem's own replaces `fit` (Keras 3's `fit` fails
+    there): `batch_size` is per worker (global batch = `batch_size` x
+    workers), a dataset yields global batches, only `batch_size`,
+    `shuffle`, `seed` (the same shuffle on every worker), `sample_weight`,
+    `steps_per_epoch`, `initial_epoch`, `verbose` and the validation
+    arguments are taken, and `checkpoint_dir` holds a `tf.train.Checkpoint`
+    backup written by the chief plus its `last.keras` (and `best.keras`).
+    A dead worker makes the others raise `WorkerLost` from `join()`;
+    starting the cluster again resumes after the last epoch saved.
+
     Returns:
         A `TrainingRun`: `progress`, `history`, `stop()`, `join()`, `done`.
 
@@ -406,6 +433,20 @@ def train_in_background(
                            "background; stop() and join() that run first.")
     callbacks = list(callbacks)
     own, publishers = _publishers(publish_to, callbacks)
+    from keras_tandem import _multiworker
+
+    strategy = _multiworker.multi_worker_strategy(model)
+    if strategy is not None:
+        # Keras 3's fit fails under this strategy (keras-team/keras#20585): our own loop.
+        fit_args = {"data": data, "epochs": epochs, "checkpoint_dir": checkpoint_dir,
+                    "strategy": strategy, "verbose": 0, **fit_kwargs}
+        fit = functools.partial(_multiworker.fit, model)
+        return TrainingRun(model, fit_args, [*callbacks, *own], publishers, fit=fit)
+    if _cluster_size() > 1:
+        warnings.warn("train_in_background: TF_CONFIG names a multi-worker cluster, but the "
+                      "model was not built under a MultiWorkerMirroredStrategy's scope: this "
+                      "worker trains alone. Call choose_strategy() first and build the model "
+                      "in its scope().", RuntimeWarning, stacklevel=2)
     validating = bool(fit_kwargs.get("validation_data") is not None
                       or fit_kwargs.get("validation_split"))
     checkpoints: list = []
