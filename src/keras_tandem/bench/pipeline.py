@@ -144,17 +144,9 @@ def _ratios(rows: list[dict], probes: dict[str, Any]) -> dict[str, float | None]
 def _cnn() -> Any:
     import keras
 
-    keras.utils.set_random_seed(0)
-    layers = keras.layers
-    model = keras.Sequential([
-        keras.Input(SHAPE),
-        layers.Conv2D(16, 3, activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(64, activation="relu"),
-        layers.Dense(10),
-    ], name="cnn")
+    from keras_tandem.bench._models import build_model
+
+    model = build_model("cnn", seed=0)  # the same (32, 32, 3) CNN as `bench predict`
     model.compile(optimizer="adam",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
