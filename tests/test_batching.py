@@ -99,3 +99,65 @@ def test_request_finish_and_fail_reach_future_and_waiter():
     r2 = request()
     r2.fail(ValueError("boom"))
     assert r2.waiter.acquire(False) and isinstance(r2.error, ValueError)
+
+
+def _steady_stream(q, threads, period_s, stop):
+    """`threads` callers, each putting one request every `period_s`, staggered."""
+
+    def caller(i):
+        time.sleep(i * period_s / threads)
+        while not stop.is_set():
+            q.put(request())
+            time.sleep(period_s)
+
+    workers = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    return workers
+
+
+def test_a_steady_stream_from_several_threads_is_batched_up_to_max_delay():
+    # 4 threads, one request each every 40 ms: a request about every 10 ms.
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.1)
+    stop = threading.Event()
+    callers = _steady_stream(q, 4, 0.04, stop)
+    sizes, waits = [], []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        batch = q.take()
+        sizes.append(len(batch))
+        waits.append(time.perf_counter() - batch[0].enqueued)
+    stop.set()
+    for c in callers:
+        c.join(5)
+    late = sizes[len(sizes) // 3:]  # once the rate is measured
+    assert sum(late) / len(late) >= 2.5  # without the wait, each batch would be 1 request
+    assert max(waits) < 0.1 + 0.05  # never much past max_delay
+
+
+def test_a_lone_caller_never_waits_for_itself():
+    q = BatchQueue(capacity=100, max_rows=64, max_delay_s=0.5)
+    t = time.monotonic()
+    for _ in range(30):  # closed loop: put, take, put, take... at a high rate
+        q.put(request())
+        assert len(q.take()) == 1
+    assert time.monotonic() - t < 0.5  # waits of max_delay would take seconds
+
+
+def test_after_a_stream_pauses_the_next_request_runs_at_once():
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.2)
+    stop = threading.Event()
+    callers = _steady_stream(q, 4, 0.02, stop)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        q.take()
+    stop.set()
+    for c in callers:
+        c.join(5)
+    while len(q):
+        q.take()
+    time.sleep(0.3)  # quiet: longer than max_delay
+    q.put(request())
+    t = time.monotonic()
+    assert len(q.take()) == 1
+    assert time.monotonic() - t < 0.1

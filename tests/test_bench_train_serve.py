@@ -23,3 +23,20 @@ def test_train_serve_bench_reports_every_ratio(tmp_path, capsys):
                  "served_fraction", "p99_ms"):
         assert name in doc["ratios"] and f"\n{name}=" in printed
     assert doc["ratios"]["train_vs_alone"] > 0 and doc["ratios"]["train_vs_alone_naive"] is None
+    assert rows["Predictor, open loop"]["mean_batch"] >= 1
+    assert doc["config"]["max_delay_ms"] > 0
+
+
+def test_ratios_pair_each_case_with_the_alone_run_of_its_repetition():
+    from keras_tandem.bench import train_serve
+
+    raw = [{"case": "alone", "rep": 0, "train_sps": 100.0},
+           {"case": "Predictor, open loop", "rep": 0, "train_sps": 90.0},
+           {"case": "alone", "rep": 1, "train_sps": 300.0},
+           {"case": "Predictor, open loop", "rep": 1, "train_sps": 150.0},
+           {"case": "alone (naive process)", "rep": 0, "train_sps": 50.0},
+           {"case": "model.predict, open loop", "rep": 0, "train_sps": 5.0}]
+    train_serve._pair_with_alone(raw)
+    ratios = train_serve._ratios(train_serve._combine(raw))
+    assert ratios["train_vs_alone"] == 0.7  # median of 0.9 and 0.5, not 120 / 200
+    assert ratios["train_vs_alone_naive"] == 0.1  # against its own process's alone

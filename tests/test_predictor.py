@@ -341,6 +341,18 @@ def test_padding_rows_are_zeros_not_stale():
     np.testing.assert_array_equal(last[3:], 0.0)
 
 
+def test_answers_of_a_model_that_returns_its_input_are_not_overwritten():
+    # The batch buffer is reused for every batch; an answer must never be a
+    # view of it, or the next batch would change answers already handed out.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [inputs, keras.layers.Dense(2)(inputs)])
+    with Predictor(model, max_batch_size=4) as p:
+        first = p.predict(np.full(3, 1.0, np.float32))
+        for value in (2.0, 3.0):
+            p.predict(np.full((4, 3), value, np.float32))
+        np.testing.assert_array_equal(first[0], np.full(3, 1.0, np.float32))
+
+
 def test_owns_its_weights_and_update_weights_versions():
     model = mlp()
     x = np.ones(8, np.float32)

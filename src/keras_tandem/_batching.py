@@ -19,6 +19,9 @@ from typing import Any
 from keras_tandem.errors import Overloaded, PredictorClosed
 
 _now = time.perf_counter
+_get_ident = threading.get_ident
+# A caller thread counts as active (likely to send again soon) this long after its last request.
+_ACTIVE_S = 0.1
 
 
 class Request:
@@ -89,9 +92,12 @@ class BatchQueue:
     Args:
         capacity: most requests that may wait; `put` beyond it raises `Overloaded`.
         max_rows: most rows in one batch.
-        max_delay_s: under load, how long the worker may wait for a batch to
-            fill to the size of the last one. A request arriving at an idle
-            worker never waits for it.
+        max_delay_s: under load, how long the worker may wait (from the
+            oldest queued request) for a batch to fill: to the size of the
+            last batch, or under a steady stream from several threads, with
+            the requests the measured arrival rate says will come in time. A
+            request from a lone caller, or one arriving after a quiet spell,
+            never waits for it.
     """
 
     def __init__(self, capacity: int, max_rows: int, max_delay_s: float):
@@ -105,6 +111,11 @@ class BatchQueue:
         self._closed = False
         self._wake_requested = False
         self._rows = 0  # rows queued in all
+        self._want_rows = 1  # a put wakes the waiting worker once this many rows are queued
+        self._callers: dict[int, float] = {}  # caller thread -> time of its last request
+        self._last_put = _now()
+        self._gap = 1.0  # moving average of the time between requests, seconds
+        self._last_gap = 1.0  # the time between the newest request and the one before
         self.rejected = 0
 
     def __len__(self) -> int:
@@ -112,7 +123,8 @@ class BatchQueue:
 
     def put(self, request: Request) -> None:
         """Queues one request, or raises `Overloaded` / `PredictorClosed` at once."""
-        request.enqueued = _now()
+        request.enqueued = now = _now()
+        caller = _get_ident()
         with self._lock:
             if self._closed:
                 raise PredictorClosed("The Predictor is closed and accepts no new requests.")
@@ -124,7 +136,11 @@ class BatchQueue:
                 )
             self._items.append(request)
             self._rows += request.rows
-            if self._worker_waiting:
+            self._last_gap = now - self._last_put
+            self._gap += (self._last_gap - self._gap) * 0.25
+            self._last_put = now
+            self._callers[caller] = now
+            if self._worker_waiting and self._rows >= self._want_rows:
                 self._ready.notify()
 
     def put_all(self, requests: list[Request]) -> None:
@@ -144,7 +160,8 @@ class BatchQueue:
                 )
             self._items.extend(requests)
             self._rows += sum(r.rows for r in requests)
-            if self._worker_waiting:
+            self._last_put = now
+            if self._worker_waiting and self._rows >= self._want_rows:
                 self._ready.notify()
 
     def wake(self) -> None:
@@ -165,8 +182,9 @@ class BatchQueue:
         Args:
             expect_rows: rows the worker expects soon, from the size of its
                 last batch. While fewer are queued, it may wait up to
-                `max_delay_s` (from the oldest request) for them; with 0 or 1
-                (an idle worker, a lone caller) it never waits.
+                `max_delay_s` (from the oldest request) for them. With 0 or 1
+                it waits only for a steady stream from other callers (see
+                `_stream_rows`).
 
         Returns:
             Requests in FIFO order with at most `max_rows` rows in all; an empty
@@ -183,22 +201,55 @@ class BatchQueue:
                 self._worker_waiting = True
                 self._ready.wait()
                 self._worker_waiting = False
-            if expect_rows > 1 and self.max_delay_s > 0 and not self._closed:
-                self._wait_to_fill(items, min(expect_rows, self.max_rows))
+            if self.max_delay_s > 0 and not self._closed:
+                want = max(expect_rows if expect_rows > 1 else 0, self._stream_rows(items))
+                if want > self._rows:
+                    self._wait_to_fill(items, min(want, self.max_rows))
             self._wake_requested = False
             return self._pop_batch(items)
+
+    def _stream_rows(self, items: collections.deque[Request]) -> int:
+        """Rows worth waiting for: those queued plus the arrivals due before the deadline.
+
+        Called with the lock held. Under a steady stream from several
+        threads (an open-loop load: each request arrives on its own
+        schedule, not after the last answer), every forward pass costs the
+        same CPU however few rows it has, so a short wait that lets more
+        requests join saves whole passes. No wait when no other caller is
+        active (a lone caller would only wait for itself) or when the next
+        request is not due before the oldest one's deadline.
+        """
+        now = _now()
+        remaining = items[0].enqueued + self.max_delay_s - now
+        gap = self._gap
+        if remaining <= gap or self._last_gap > self.max_delay_s or now - self._last_put > 2 * gap:
+            return 0  # the next request is not due in time, or the stream paused
+        horizon = now - _ACTIVE_S
+        callers = self._callers
+        stale = [c for c, seen in callers.items() if seen < horizon]
+        for c in stale:
+            del callers[c]
+        others = len(callers) - len(items)  # active callers with nothing queued
+        if others <= 0:
+            return 0
+        return self._rows + min(others, int(remaining / gap))
 
     def _wait_to_fill(self, items: collections.deque[Request], rows: int) -> None:
         # Called with the lock held. Waits until `rows` are queued or the
         # oldest request has waited max_delay_s, whichever comes first.
         deadline = items[0].enqueued + self.max_delay_s
-        while self._rows < rows:
-            remaining = deadline - _now()
-            if remaining <= 0 or self._closed or self._wake_requested:
-                return
-            self._worker_waiting = True
-            self._ready.wait(remaining)
+        self._want_rows = rows
+        try:
+            while self._rows < rows:
+                remaining = deadline - _now()
+                if remaining <= 0 or self._closed or self._wake_requested:
+                    return
+                self._worker_waiting = True
+                self._ready.wait(remaining)
+                self._worker_waiting = False
+        finally:
             self._worker_waiting = False
+            self._want_rows = 1
 
     def _pop_batch(self, items: collections.deque[Request]) -> list[Request]:
         if self._rows <= self.max_rows:

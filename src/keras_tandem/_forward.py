@@ -21,8 +21,18 @@ import numpy as np
 from keras_tandem._signature import InputSignature
 
 _TRACE_LOCK = threading.Lock()
-_ZERO_BYTES_MAX = 16 << 20
-_INLINE_EXECUTOR = "SINGLE_THREADED_EXECUTOR"  # larger padding is zeroed with NumPy instead
+_ZERO_BYTES_MAX = 16 << 20  # larger padding is zeroed with NumPy instead
+_INLINE_EXECUTOR = "SINGLE_THREADED_EXECUTOR"
+_ALIGN = 64  # TensorFlow's kernels assume tensor memory aligned to this many bytes
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zeroed C-contiguous array whose data starts on a `_ALIGN`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
@@ -94,6 +104,44 @@ def _flat_caller(fn: Any) -> Callable[[list[Any]], list[Any]]:
     return call_public
 
 
+def _direct_caller(fn: Any, executor_type: str) -> Callable[[list[Any]], list[Any]]:
+    """A caller that hands a concrete function's flat inputs straight to TensorFlow's executor.
+
+    Under a training load every serving call runs on cold CPU caches, and
+    then the Python layers between `_call_flat` and the C++ executor (about
+    ten frames, each re-reading the thread's call options) cost more than
+    the rest of the call. This does what they end with, once per call: one
+    `TFE_Py_Execute` with the attributes fixed when it is made (on the
+    worker thread, whose options they are). Private TensorFlow API: the
+    caller checks it against `_flat_caller` at warm-up and keeps that one
+    where this fails.
+    """
+    import itertools
+
+    from tensorflow.python import pywrap_tfe
+    from tensorflow.python.eager import context, core
+
+    atomic = fn._inference_function
+    ctx = context.context()
+    ctx.ensure_initialized()
+    name = atomic.name.decode() if isinstance(atomic.name, bytes) else str(atomic.name)
+    outputs = len(atomic.function_type.flat_outputs)
+    attrs = dict(ctx.function_call_options.as_attrs(), executor_type=executor_type)
+    attrs = tuple(itertools.chain(*attrs.items()))
+    captured = list(fn.captured_inputs)
+    handle, device, execute = ctx._handle, ctx.device_name, pywrap_tfe.TFE_Py_Execute
+    not_ok, to_exception = core._NotOkStatusException, core._status_to_exception
+
+    def call(args):
+        try:
+            return execute(handle, device, name, args + captured if captured else args, attrs,
+                           outputs)
+        except not_ok as e:
+            raise to_exception(e) from None
+
+    return call
+
+
 class CompiledForward:
     """A model's forward pass, traced once, over a weight snapshot it owns.
 
@@ -119,7 +167,7 @@ class CompiledForward:
             while self.buckets[b] < n:
                 b += 1
             self.bucket_of[n] = self.buckets[b]
-        self.buffers = [np.zeros((max_rows, *f.shape), f.dtype) for f in signature.fields]
+        self.buffers = [_aligned_zeros((max_rows, *f.shape), f.dtype) for f in signature.fields]
         self._buffer_bytes = [memoryview(b.reshape(-1).view(np.uint8)) for b in self.buffers]
         self._row_bytes = [b[0].nbytes for b in self.buffers]
         pad_bytes = max(self._row_bytes) * max_rows
@@ -157,13 +205,39 @@ class CompiledForward:
             else:
                 one = fn.get_concrete_function(*weight_sig, input_sig(None))
                 fns = {b: one for b in self.buckets}
+            self._fns = fns
             self._calls = {b: _flat_caller(f) for b, f in fns.items()}
             self._output_structure = fns[self.buckets[0]].structured_outputs
             self._flat_weights = [*trainable, *non_trainable]
             # The traced function takes inputs flattened as tf.nest does (dict
             # keys sorted), which need not be the model's order of inputs.
             self._input_order = tf.nest.flatten(signature.pack(list(range(len(self.buffers)))))
+            self._views = self._buffer_views()
             self.executor_type = self._warm_up(jit_compile)
+
+    def _buffer_views(self) -> dict[int, list[Any]] | None:
+        """Per bucket, tensors that view the first rows of the batch buffers.
+
+        Made once through DLPack, which shares memory where a conversion
+        would copy: a batch is then written into the buffers and run with
+        no tensor created on the way in. Converting the batch cost about
+        100 us of CPU per forward pass under training (cold caches), as much
+        as a small model's pass. None where DLPack cannot share a buffer
+        (e.g. string inputs): each batch is then converted.
+        """
+        from_dlpack = self._tf.experimental.dlpack.from_dlpack
+        try:
+            views = {b: [from_dlpack(self.buffers[i][:b].__dlpack__())
+                         for i in self._input_order] for b in self.buckets}
+            probe = self.buffers[0].reshape(-1)[:1].view(np.uint8)
+            before = int(probe[0])
+            probe[0] ^= 1
+            shared = views[self.buckets[0]][self._input_order.index(0)]
+            seen = int(np.asarray(shared).reshape(-1)[:1].view(np.uint8)[0])
+            probe[0] = before
+        except Exception:  # noqa: BLE001 - no DLPack for these dtypes or this build
+            return None
+        return views if seen == before ^ 1 else None
 
     def _warm_up(self, jit_compile: bool) -> str:
         # First runs allocate and pick kernels. Prefer TensorFlow's executor
@@ -171,17 +245,44 @@ class CompiledForward:
         # small graphs of serving it cut the CPU of a call by about a fifth
         # and raised throughput at 64 threads by as much. It does not take
         # every graph (control flow lowered to Switch/Merge), so fall back.
+        executor = ""
         if not jit_compile:
             try:
                 with self._tf.experimental.function_executor_type(_INLINE_EXECUTOR):
                     for b in self.buckets:
                         self.run(b)
-                return _INLINE_EXECUTOR
+                executor = _INLINE_EXECUTOR
             except Exception:  # noqa: BLE001 - any failure: use the default executor
                 pass
-        for b in self.buckets:
-            self.run(b)
-        return ""
+        if not executor:
+            for b in self.buckets:
+                self.run(b)
+        self._use_direct_calls(executor)
+        return executor
+
+    def _use_direct_calls(self, executor: str) -> None:
+        # Keeps the `_flat_caller`s unless the direct ones give the same outputs.
+        patterned = [b for b in self.buffers if b.dtype.kind in "fiub"]
+        for b in patterned:  # rows that differ, so a mix-up would show
+            flat = b.reshape(-1)
+            flat[:] = (np.arange(flat.size) % 7).astype(b.dtype)
+        try:
+            direct = {b: _direct_caller(f, executor) for b, f in self._fns.items()}
+            for b in self.buckets:
+                args = [*self._flat_weights, *(self._tf.constant(self.buffers[i][:b])
+                                               for i in self._input_order)]
+                with self.executor_scope_for(executor):
+                    expected = [t.numpy() for t in self._calls[b](args)]
+                got = [t.numpy() for t in direct[b](args)]
+                if len(got) != len(expected) or not all(
+                        np.array_equal(g, e, equal_nan=True) for g, e in zip(got, expected)):
+                    return
+        except Exception:  # noqa: BLE001 - private API moved or refused: keep the public path
+            return
+        finally:
+            for b in patterned:
+                b.fill(0)
+        self._calls = direct
 
     def executor_scope(self) -> contextlib.AbstractContextManager:
         """The scope the worker runs `run` in: the executor chosen at warm-up.
@@ -189,9 +290,13 @@ class CompiledForward:
         TensorFlow keeps this setting per thread, so it affects only the
         Predictor's worker, not training or other code in the process.
         """
-        if not self.executor_type:
+        return self.executor_scope_for(self.executor_type)
+
+    def executor_scope_for(self, executor: str) -> contextlib.AbstractContextManager:
+        """The scope that runs functions on `executor` ("" for TensorFlow's default)."""
+        if not executor:
             return contextlib.nullcontext()
-        return self._tf.experimental.function_executor_type(self.executor_type)
+        return self._tf.experimental.function_executor_type(executor)
 
     def _constant(self, value: np.ndarray):
         return self._tf.constant(value)
@@ -228,10 +333,24 @@ class CompiledForward:
         Returns:
             The model's outputs, flattened, as NumPy arrays of `bucket` rows.
         """
+        if self._views is not None:
+            args = [*self._flat_weights, *self._views[bucket]]
+            outputs = [t.numpy() for t in self._calls[bucket](args)]
+            # An output that is an input (an identity model) would view the
+            # batch buffer, which the next batch overwrites.
+            return [self._own(o) for o in outputs]
         constant = self._tf.constant
         buffers = self.buffers
         args = [*self._flat_weights, *(constant(buffers[i][:bucket]) for i in self._input_order)]
         return [t.numpy() for t in self._calls[bucket](args)]
+
+    def _own(self, output: np.ndarray) -> np.ndarray:
+        address = output.__array_interface__["data"][0]
+        for b in self.buffers:
+            start = b.__array_interface__["data"][0]
+            if start <= address < start + b.nbytes:
+                return output.copy()
+        return output
 
     def pack_outputs(self, flat: Sequence[Any]) -> Any:
         """Puts flat per-output values back in the structure the model returns."""

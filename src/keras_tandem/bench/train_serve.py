@@ -18,6 +18,7 @@ the moment a request was *scheduled*, so a client that falls behind shows it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -31,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from keras_tandem.bench import _report
+from keras_tandem.predictor import Predictor  # no TensorFlow until a Predictor is made
 
 _now = time.perf_counter
+_DEFAULT_DELAY_MS = inspect.signature(Predictor).parameters["max_delay_ms"].default
 # Table column -> row field (the JSON keeps every field under its own name).
 COLUMNS = {
     "case": "case",
@@ -41,6 +44,7 @@ COLUMNS = {
     "vs alone": "train_vs_alone",      # training speed / the same process's "alone"
     "served/s": "served_rps",          # answers completed while training ran
     "served": "served_fraction",       # of the offered open-loop load
+    "batch": "mean_batch",             # mean requests per forward pass
     "p50 ms": "p50_ms",
     "p99 ms": "p99_ms",                # open loop: from the time a request was due
     "published": "versions_published",
@@ -64,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--publish-seconds", type=float, default=0.1,
                         help="publish weights every this many seconds (default 0.1)")
+    parser.add_argument("--max-delay-ms", type=float, default=_DEFAULT_DELAY_MS,
+                        help="the Predictor's max_delay_ms: how long a request may wait for "
+                             f"others to share its forward pass (default {_DEFAULT_DELAY_MS:g})")
     parser.add_argument("--skip-naive", action="store_true",
                         help="skip the model.predict-per-thread case (child process)")
     parser.add_argument("--quick", action="store_true", help="short run, well under a minute")
@@ -220,7 +227,9 @@ class _Trainer:
         return timer
 
 
-def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None) -> dict[str, Any]:
+def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None,
+          predictor: Any = None) -> dict[str, Any]:
+    before = predictor.stats() if predictor is not None else None
     if load is not None:
         load.start()
         time.sleep(0.2)  # the clients reach their pace before training starts
@@ -233,6 +242,10 @@ def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None) -> dict[
     row = {"train_sps": timer.batches * trainer.batch_size / (t1 - t0), "train_s": t1 - t0}
     if load is not None:
         row.update(load.summary(t0, t1))
+    if before is not None:
+        after = predictor.stats()
+        batches = after["batches"] - before["batches"]
+        row["mean_batch"] = (after["requests"] - before["requests"]) / batches if batches else None
     if publisher is not None:
         row.update(versions_published=publisher.published,
                    publish_ms_mean=publisher.publish_seconds_mean * 1e3,
@@ -247,12 +260,12 @@ def _inputs(shape: tuple[int, ...], n: int = 16) -> list[np.ndarray]:
 
 
 def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> list[dict]:
-    from keras_tandem import Predictor, PublishWeights
+    from keras_tandem import PublishWeights
 
     trainer = _Trainer(args.model, args.batch_size, seconds)
     inputs = _inputs(trainer.shape)
     reps_rows: list[dict] = []
-    with Predictor(trainer.model) as predictor:
+    with Predictor(trainer.model, max_delay_ms=args.max_delay_ms) as predictor:
         predictor.predict(inputs[0])
 
         def call(x):
@@ -267,7 +280,8 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
                 if case == "alone":
                     row = _case(trainer, None)
                 else:
-                    row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher())
+                    row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher(),
+                                predictor)
                 row.update(case=case, rep=rep)
                 reps_rows.append(row)
                 _progress(row)
@@ -382,27 +396,27 @@ def _combine(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _pair_with_alone(raw: list[dict]) -> None:
+    """Sets each row's `train_vs_alone` against the "alone" run of its repetition and process."""
+    alone = {}
+    for r in raw:
+        if r["case"].startswith("alone") and r.get("train_sps"):
+            alone[(r["case"], r["rep"])] = r["train_sps"]
+    for r in raw:
+        naive = r["case"] in ("model.predict, open loop", "alone (naive process)")
+        base = alone.get(("alone (naive process)" if naive else "alone", r["rep"]))
+        if base and r.get("train_sps"):
+            r["train_vs_alone"] = r["train_sps"] / base
+
+
 def _ratios(rows: list[dict]) -> dict[str, float | None]:
     by = {r["case"]: r for r in rows}
-    alone, naive_alone = by.get("alone", {}), by.get("alone (naive process)", {})
-
-    def vs(case: str, base: dict) -> float | None:
-        r = by.get(case)
-        if not r or not base.get("train_sps") or "train_sps" not in r:
-            return None
-        return r["train_sps"] / base["train_sps"]
-
     open_, closed = by.get("Predictor, open loop", {}), by.get("Predictor, closed loop", {})
     naive = by.get("model.predict, open loop", {})
-    for r in rows:
-        base = naive_alone if r["case"] in ("model.predict, open loop",
-                                            "alone (naive process)") else alone
-        if r.get("train_sps") and base.get("train_sps"):
-            r["train_vs_alone"] = r["train_sps"] / base["train_sps"]
     return {
-        "train_vs_alone": vs("Predictor, open loop", alone),
-        "train_vs_alone_naive": vs("model.predict, open loop", naive_alone),
-        "train_vs_alone_closed": vs("Predictor, closed loop", alone),
+        "train_vs_alone": open_.get("train_vs_alone"),
+        "train_vs_alone_naive": naive.get("train_vs_alone"),
+        "train_vs_alone_closed": closed.get("train_vs_alone"),
         "served_fraction": open_.get("served_fraction"),
         "p99_ms": open_.get("p99_ms"),
         "served_fraction_naive": naive.get("served_fraction"),
@@ -410,6 +424,7 @@ def _ratios(rows: list[dict]) -> dict[str, float | None]:
         "served_rps_closed": closed.get("served_rps"),
         "p99_ms_closed": closed.get("p99_ms"),
         "publish_frac": open_.get("publish_frac"),
+        "mean_batch": open_.get("mean_batch"),
     }
 
 
@@ -431,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
             if row["case"] == "alone":
                 row["case"] = "alone (naive process)"
             raw.append(row)
+    _pair_with_alone(raw)
     rows = _combine(raw)
     ratios = _ratios(rows)
     _report.print_table(
@@ -440,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
     _report.print_ratios(ratios)
     if args.json:
         config = {"model": args.model, "rate": args.rate, "threads": args.threads,
+                  "max_delay_ms": args.max_delay_ms,
                   "seconds": seconds, "reps": reps, "batch_size": args.batch_size,
                   "publish_seconds": args.publish_seconds, "quick": bool(args.quick)}
         _report.write_json(args.json, "train-serve", config, rows, ratios, repetitions=raw)
