@@ -116,6 +116,7 @@ class BatchQueue:
         self._last_put = _now()
         self._gap = 1.0  # moving average of the time between requests, seconds
         self._last_gap = 1.0  # the time between the newest request and the one before
+        self.pass_s = 0.0  # moving average of a forward pass, kept by the worker
         self.rejected = 0
 
     def __len__(self) -> int:
@@ -182,9 +183,9 @@ class BatchQueue:
         Args:
             expect_rows: rows the worker expects soon, from the size of its
                 last batch. While fewer are queued, it may wait up to
-                `max_delay_s` (from the oldest request) for them. With 0 or 1
-                it waits only for a steady stream from other callers (see
-                `_stream_rows`).
+                `max_delay_s` (from the oldest request) for them, or for
+                the requests a steady stream from other callers will bring
+                in time (see `_stream_rows`).
 
         Returns:
             Requests in FIFO order with at most `max_rows` rows in all; an empty
@@ -208,22 +209,30 @@ class BatchQueue:
             self._wake_requested = False
             return self._pop_batch(items)
 
+    def note_pass(self, seconds: float) -> None:
+        """Records how long a forward pass took (called by the worker)."""
+        self.pass_s += (seconds - self.pass_s) * 0.25
+
     def _stream_rows(self, items: collections.deque[Request]) -> int:
         """Rows worth waiting for: those queued plus the arrivals due before the deadline.
 
-        Called with the lock held. Under a steady stream from several
-        threads (an open-loop load: each request arrives on its own
-        schedule, not after the last answer), every forward pass costs the
-        same CPU however few rows it has, so a short wait that lets more
-        requests join saves whole passes. No wait when no other caller is
-        active (a lone caller would only wait for itself) or when the next
-        request is not due before the oldest one's deadline.
+        Called with the lock held. When requests trickle in from several
+        threads more slowly than a forward pass runs (an open-loop load:
+        each request arrives on its own schedule, not after an answer),
+        each pass would serve one request, and every pass costs about the
+        same CPU however few rows it has: a short wait that lets more
+        requests join saves whole passes. Requests that come faster than a
+        pass runs pile up during it, so no wait is needed. No wait either
+        when no other caller is active (a lone caller would only wait for
+        itself), or when the next request is not due before the oldest
+        one's deadline.
         """
         now = _now()
         remaining = items[0].enqueued + self.max_delay_s - now
         gap = self._gap
-        if remaining <= gap or self._last_gap > self.max_delay_s or now - self._last_put > 2 * gap:
-            return 0  # the next request is not due in time, or the stream paused
+        if (remaining <= gap or gap <= self.pass_s or self._last_gap > self.max_delay_s
+                or now - self._last_put > 2 * gap):
+            return 0  # not worth it, not due in time, or the stream paused
         horizon = now - _ACTIVE_S
         callers = self._callers
         stale = [c for c, seen in callers.items() if seen < horizon]

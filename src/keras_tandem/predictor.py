@@ -384,11 +384,13 @@ class Predictor:
                 continue
             swap_blocked = batch[-1].more_follow
             expect_rows = sum(r.rows for r in batch) if len(batch) > 1 else 0
+            started = _now()
             try:
                 self._run_batch(batch)
             except BaseException as e:  # noqa: BLE001 - a bug here must not strand callers
                 for r in batch:
                     r.fail(e)
+            self._queue.note_pass(_now() - started)
         self._apply_swaps()
         with self._swap_lock:
             for _, done in self._swaps:
