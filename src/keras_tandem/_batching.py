@@ -22,6 +22,7 @@ _now = time.perf_counter
 _get_ident = threading.get_ident
 # A caller thread counts as active (likely to send again soon) this long after its last request.
 _ACTIVE_S = 0.1
+_CALLERS_MAX = 4096
 
 
 class Request:
@@ -141,6 +142,8 @@ class BatchQueue:
             self._gap += (self._last_gap - self._gap) * 0.25
             self._last_put = now
             self._callers[caller] = now
+            if len(self._callers) > _CALLERS_MAX:  # threads come and go: forget the idle
+                self._forget_idle_callers(now)
             if self._worker_waiting and self._rows >= self._want_rows:
                 self._ready.notify()
 
@@ -233,15 +236,17 @@ class BatchQueue:
         if (remaining <= gap or gap <= self.pass_s or self._last_gap > self.max_delay_s
                 or now - self._last_put > 2 * gap):
             return 0  # not worth it, not due in time, or the stream paused
-        horizon = now - _ACTIVE_S
-        callers = self._callers
-        stale = [c for c, seen in callers.items() if seen < horizon]
-        for c in stale:
-            del callers[c]
-        others = len(callers) - len(items)  # active callers with nothing queued
+        self._forget_idle_callers(now)
+        others = len(self._callers) - len(items)  # active callers with nothing queued
         if others <= 0:
             return 0
         return self._rows + min(others, int(remaining / gap))
+
+    def _forget_idle_callers(self, now: float) -> None:
+        horizon = now - _ACTIVE_S
+        callers = self._callers
+        for c in [c for c, seen in callers.items() if seen < horizon]:
+            del callers[c]
 
     def _wait_to_fill(self, items: collections.deque[Request], rows: int) -> None:
         # Called with the lock held. Waits until `rows` are queued or the
