@@ -474,3 +474,24 @@ def test_model_with_control_flow():
     with Predictor(model, input_signature=keras.Input((4,))) as p:
         for x in (np.ones((2, 4)), -np.ones((2, 4))):
             np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_direct_call_that_disagrees_at_warm_up_is_not_used(monkeypatch):
+    # The direct executor call is TensorFlow's private API: the Predictor
+    # checks it against the documented path at warm-up and keeps that one
+    # when they differ (or when the direct one cannot be made).
+    from keras_tandem import _forward
+
+    def wrong(fn, executor):
+        return lambda args: [tf.zeros_like(t) for t in fn._call_flat(args, [])]
+
+    model = mlp()
+    x = np.random.default_rng(0).random((3, 8)).astype("float32")
+    for replacement in (wrong, None):
+        if replacement is None:
+            def replacement(fn, executor):
+                raise AttributeError("no such private API")
+        monkeypatch.setattr(_forward, "_direct_caller", replacement)
+        with Predictor(model, max_batch_size=4) as p:
+            np.testing.assert_allclose(p.predict(x), model.predict(x, verbose=0), rtol=1e-5,
+                                       atol=1e-6)

@@ -139,19 +139,21 @@ class _Load:
             `served_fraction` (open loop): requests due in the window that
             were answered, over those offered (one due but never sent, its
             client still busy with earlier ones, counts as not served);
-            `p50_ms`/`p99_ms`: latency of the answers completed in the window,
-            from the time each was due (open loop) or sent (closed loop);
+            `p50_ms`/`p99_ms`: latency of the requests due (open loop) or
+            sent (closed loop) in the window, from that time to the answer;
             `versions_served` and `errors`.
         """
         records = [r for mine in self.records for r in mine]
         done = [r for r in records if t0 <= r[1] <= t1]
-        due = sum(1 for r in records if t0 <= r[0] <= t1)
-        lat = np.array([r[1] - r[0] for r in done]) * 1e3
+        # Latency of the requests sent while training ran: one that was due
+        # before (while the training thread set up, holding the GIL) is not.
+        sent = [r for r in records if t0 <= r[0] <= t1]
+        lat = np.array([r[1] - r[0] for r in sent]) * 1e3
         versions = {r[2] for r in done if r[2] is not None}
         return {
             "offered_rps": self.rate,
             "served_rps": len(done) / (t1 - t0),
-            "served_fraction": due / (self.rate * (t1 - t0)) if self.rate else None,
+            "served_fraction": len(sent) / (self.rate * (t1 - t0)) if self.rate else None,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "versions_served": len(versions) or None,
