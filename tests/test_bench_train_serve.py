@@ -40,3 +40,17 @@ def test_ratios_pair_each_case_with_the_alone_run_of_its_repetition():
     ratios = train_serve._ratios(train_serve._combine(raw))
     assert ratios["train_vs_alone"] == 0.7  # median of 0.9 and 0.5, not 120 / 200
     assert ratios["train_vs_alone_naive"] == 0.1  # against its own process's alone
+
+
+def test_open_loop_summary_counts_requests_never_answered():
+    from keras_tandem.bench import train_serve
+
+    load = train_serve._Load(lambda x: None, [None], threads=2, rate=100.0)  # a request / 10 ms
+    load._t0, load._stopped = 0.0, 0.2
+    period = 2 / 100.0
+    # Client 0 answers each of its requests 1 ms after it is due; client 1 is stuck.
+    load.records[0] = [(0.0 + k * period, 0.0 + k * period + 0.001, 1) for k in range(5)]
+    summary = load.summary(0.0, 0.095)
+    assert summary["served_fraction"] == 0.5  # 5 of the 10 requests due in the window
+    # Client 1's five unanswered requests waited until the load stopped (0.11-0.19 s).
+    assert 180 < summary["p99_ms"] < 191

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -103,8 +104,23 @@ class _Load:
 
     def stop(self) -> None:
         self._stop.set()
+        self._stopped = _now()
         for t in self._threads:
             t.join(60)
+
+    def _slots(self, t0: float, t1: float) -> list[tuple[int, float]]:
+        """(client, due time) of every request the open-loop schedule put in [t0, t1]."""
+        threads = len(self.records)
+        period = threads / self.rate
+        slots = []
+        for i in range(threads):
+            offset = i / threads  # the same arithmetic as `_client`, so times compare equal
+            k = max(0, math.ceil((t0 - self._t0) / period - offset))
+            while (due := self._t0 + (k + offset) * period) <= t1:
+                if due >= t0:
+                    slots.append((i, due))
+                k += 1
+        return slots
 
     def _client(self, i: int, threads: int) -> None:
         x, call, mine, stop = self._inputs[i % len(self._inputs)], self._call, self.records[i], \
@@ -136,24 +152,33 @@ class _Load:
 
         Returns:
             `served_rps`: answers completed in the window, per second;
-            `served_fraction` (open loop): requests due in the window that
-            were answered, over those offered (one due but never sent, its
-            client still busy with earlier ones, counts as not served);
+            `served_fraction` (open loop): of the requests due in the window,
+            those answered (one never sent, its client still busy with
+            earlier ones, counts as not served);
             `p50_ms`/`p99_ms`: latency of the requests due (open loop) or
             sent (closed loop) in the window, from that time to the answer;
+            an open-loop request never answered counts the time it had
+            waited when the load stopped;
             `versions_served` and `errors`.
         """
         records = [r for mine in self.records for r in mine]
         done = [r for r in records if t0 <= r[1] <= t1]
-        # Latency of the requests sent while training ran: one that was due
-        # before (while the training thread set up, holding the GIL) is not.
-        sent = [r for r in records if t0 <= r[0] <= t1]
-        lat = np.array([r[1] - r[0] for r in sent]) * 1e3
         versions = {r[2] for r in done if r[2] is not None}
+        if self.rate:
+            # Every request due while training ran, answered or not: one never
+            # answered (its client stuck behind earlier ones) counts with the
+            # time it had waited when the load stopped, a lower bound.
+            answered = [{due: at for due, at, _ in mine} for mine in self.records]
+            slots = self._slots(t0, t1)
+            waits = [answered[i].get(due, self._stopped) - due for i, due in slots]
+            served = sum(1 for i, due in slots if due in answered[i])
+            lat = np.array(waits) * 1e3
+        else:
+            lat = np.array([r[1] - r[0] for r in records if t0 <= r[0] <= t1]) * 1e3
         return {
             "offered_rps": self.rate,
             "served_rps": len(done) / (t1 - t0),
-            "served_fraction": len(sent) / (self.rate * (t1 - t0)) if self.rate else None,
+            "served_fraction": served / len(slots) if self.rate and slots else None,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "versions_served": len(versions) or None,
