@@ -55,8 +55,12 @@ class Predictor:
             model afterwards changes no answer until `update_weights`.
         max_batch_size: most rows in one forward pass; larger requests are
             split transparently.
-        max_delay_ms: under load, how long the worker may wait for a batch to
-            fill. A lone request on an idle Predictor runs at once.
+        max_delay_ms: under load, how long a request may wait for others
+            to share its forward pass: when the last batch held several
+            requests, or when a steady stream from several threads arrives
+            more slowly than a pass runs. A lone request on an idle
+            Predictor runs at once. Raise it (e.g. to 5) to spend less CPU
+            per request under an open-loop load, such as while training.
         queue_size: most requests that may wait; beyond it `Overloaded` is
             raised at once.
         timeout_s: how long a caller waits for an answer (and
