@@ -161,3 +161,52 @@ def test_after_a_stream_pauses_the_next_request_runs_at_once():
     t = time.monotonic()
     assert len(q.take()) == 1
     assert time.monotonic() - t < 0.1
+
+
+def _drain_until(q, deadline):
+    while time.monotonic() < deadline:
+        if len(q):
+            q.take()
+        else:
+            time.sleep(0.001)
+
+
+def test_a_request_soon_after_the_stream_stops_runs_at_once():
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=2.0)
+    stop = threading.Event()
+    callers = _steady_stream(q, 4, 0.04, stop)
+    _drain_until(q, time.monotonic() + 0.5)
+    stop.set()
+    for c in callers:
+        c.join(5)
+    time.sleep(0.04)  # a pause of four gaps: the other callers still count as active
+    q.put(request())
+    t = time.monotonic()
+    assert len(q.take()) >= 1
+    # No wait at all: not max_delay (2 s), nor the patience (~50 ms) a stream gets.
+    assert time.monotonic() - t < 0.03
+
+
+def test_a_wait_for_a_stream_ends_soon_after_the_stream_stops():
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=2.0)
+    stop = threading.Event()
+    callers = _steady_stream(q, 4, 0.04, stop)
+    sizes = []
+
+    def worker():
+        while (batch := q.take()) is not None:
+            sizes.append(len(batch))
+
+    w = threading.Thread(target=worker, daemon=True)
+    w.start()
+    time.sleep(0.6)
+    stop.set()
+    for c in callers:
+        c.join(5)
+    time.sleep(0.5)
+    # Requests stay queued while the worker waits: none may still wait out max_delay (2 s).
+    assert len(q) == 0
+    assert max(sizes) > 1  # and it did batch the stream meanwhile
+    q.close()
+    w.join(5)
+    assert not w.is_alive()

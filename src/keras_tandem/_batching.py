@@ -116,7 +116,7 @@ class BatchQueue:
         self._callers: dict[int, float] = {}  # caller thread -> time of its last request
         self._last_put = _now()
         self._gap = 1.0  # moving average of the time between requests, seconds
-        self._last_gap = 1.0  # the time between the newest request and the one before
+        self._steady = False  # the newest request came about when the stream said it would
         self.pass_s = 0.0  # moving average of a forward pass, kept by the worker
         self.rejected = 0
 
@@ -138,8 +138,9 @@ class BatchQueue:
                 )
             self._items.append(request)
             self._rows += request.rows
-            self._last_gap = now - self._last_put
-            self._gap += (self._last_gap - self._gap) * 0.25
+            gap = now - self._last_put
+            self._steady = gap <= 3 * self._gap  # else the stream paused before this one
+            self._gap += (gap - self._gap) * 0.25
             self._last_put = now
             self._callers[caller] = now
             if len(self._callers) > _CALLERS_MAX:  # threads come and go: forget the idle
@@ -206,9 +207,13 @@ class BatchQueue:
                 self._ready.wait()
                 self._worker_waiting = False
             if self.max_delay_s > 0 and not self._closed:
-                want = max(expect_rows if expect_rows > 1 else 0, self._stream_rows(items))
-                if want > self._rows:
-                    self._wait_to_fill(items, min(want, self.max_rows))
+                expected = expect_rows if expect_rows > 1 else 0
+                stream = self._stream_rows(items)
+                if stream > max(expected, self._rows):
+                    # Give up early if the stream stops: after a few gaps with no request.
+                    self._wait_to_fill(items, min(stream, self.max_rows), patience=3 * self._gap)
+                elif expected > self._rows:
+                    self._wait_to_fill(items, min(expected, self.max_rows))
             self._wake_requested = False
             return self._pop_batch(items)
 
@@ -227,13 +232,14 @@ class BatchQueue:
         requests join saves whole passes. Requests that come faster than a
         pass runs pile up during it, so no wait is needed. No wait either
         when no other caller is active (a lone caller would only wait for
-        itself), or when the next request is not due before the oldest
-        one's deadline.
+        itself), when the newest request came after a pause (a gap over
+        three times the usual), or when the next request is not due before
+        the oldest one's deadline.
         """
         now = _now()
         remaining = items[0].enqueued + self.max_delay_s - now
         gap = self._gap
-        if (remaining <= gap or gap <= self.pass_s or self._last_gap > self.max_delay_s
+        if (remaining <= gap or gap <= self.pass_s or not self._steady
                 or now - self._last_put > 2 * gap):
             return 0  # not worth it, not due in time, or the stream paused
         self._forget_idle_callers(now)
@@ -248,14 +254,19 @@ class BatchQueue:
         for c in [c for c, seen in callers.items() if seen < horizon]:
             del callers[c]
 
-    def _wait_to_fill(self, items: collections.deque[Request], rows: int) -> None:
+    def _wait_to_fill(self, items: collections.deque[Request], rows: int,
+                      patience: float | None = None) -> None:
         # Called with the lock held. Waits until `rows` are queued or the
-        # oldest request has waited max_delay_s, whichever comes first.
+        # oldest request has waited max_delay_s, whichever comes first; with
+        # `patience`, also stops once no request has come for that long.
         deadline = items[0].enqueued + self.max_delay_s
         self._want_rows = rows
         try:
             while self._rows < rows:
-                remaining = deadline - _now()
+                now = _now()
+                remaining = deadline - now
+                if patience is not None:
+                    remaining = min(remaining, self._last_put + patience - now)
                 if remaining <= 0 or self._closed or self._wake_requested:
                     return
                 self._worker_waiting = True
