@@ -64,9 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open-loop load, requests/s over all threads (default 1000)")
     parser.add_argument("--threads", type=int, default=16, help="client threads (default 16)")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="training seconds per case (default 4; --quick 1.2)")
+                        help="training seconds per case (default 4; --quick 1)")
     parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of every case (default 3; --quick 2)")
+                        help="repetitions of every case (default 3; --quick 3)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--publish-seconds", type=float, default=0.1,
                         help="publish weights every this many seconds (default 0.1)")
@@ -459,8 +459,8 @@ def _ratios(rows: list[dict]) -> dict[str, float | None]:
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table and ratio lines."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    seconds = args.seconds or (1.2 if args.quick else 4.0)
-    reps = args.reps or (2 if args.quick else 3)
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    reps = args.reps or 3  # a median of three paired ratios: one odd run cannot move it
     if args.rate <= 0 or args.threads < 1 or reps < 1 or seconds <= 0:
         _report.console.print("--rate, --threads, --reps and --seconds must be positive")
         return 2
