@@ -45,6 +45,15 @@ def _run_cluster_command(command, env=None):
     return cluster
 
 
+def _wait_for_line(cluster, worker, prefix):
+    """Waits until `worker` prints a line starting with `prefix`, while every worker lives."""
+    deadline = time.monotonic() + WAIT_S
+    while not any(line.startswith(prefix) for line in cluster.lines[worker]):
+        assert time.monotonic() < deadline, cluster.lines
+        assert all(p.poll() is None for p in cluster.procs), cluster.lines
+        time.sleep(0.05)
+
+
 def test_tf_configs_name_every_worker_and_this_task():
     configs = [json.loads(c) for c in tf_configs([1111, 2222])]
     assert [c["task"] for c in configs] == [{"type": "worker", "index": 0},
@@ -94,11 +103,7 @@ def test_sigkill_stops_the_survivor_with_a_message_and_a_restart_resumes(tmp_pat
     cluster = LocalCluster([*JOB, *args, "--step-delay", "0.03"], 2, out=None,
                            env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "20"})
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not any(line.startswith("epoch 2/4") for line in cluster.lines[1]):
-            assert time.monotonic() < deadline, cluster.lines
-            assert all(p.poll() is None for p in cluster.procs), cluster.lines
-            time.sleep(0.05)
+        _wait_for_line(cluster, 1, "epoch 2/4")
         time.sleep(0.3)  # into epoch 3
         cluster.procs[1].send_signal(signal.SIGKILL)
         # The survivor stops by itself (no launcher kills it here), with a clear message.
@@ -220,11 +225,7 @@ def test_a_frozen_worker_makes_the_other_time_out_instead_of_hanging(tmp_path):
     cluster = LocalCluster([*JOB, "--epochs", "50", "--step-delay", "0.02"], 2, out=None,
                            env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "5"})
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not any(line.startswith("epoch 1/") for line in cluster.lines[1]):
-            assert time.monotonic() < deadline, cluster.lines
-            assert all(p.poll() is None for p in cluster.procs), cluster.lines
-            time.sleep(0.05)
+        _wait_for_line(cluster, 1, "epoch 1/")
         cluster.procs[1].send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         code = cluster.procs[0].wait(60)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _gated import GatedModel
 from keras_tandem import (
     InvalidInputError,
     Overloaded,
@@ -30,26 +31,6 @@ def mlp(seed=0, n_in=8, n_out=4):
 
 def reference(model, x):
     return keras.ops.convert_to_numpy(model(np.asarray(x, np.float32), training=False))
-
-
-class GatedModel(keras.Model):
-    """A model whose forward pass blocks until `gate` is set: a stuck worker on demand."""
-
-    def __init__(self, gate):
-        super().__init__()
-        self.dense = keras.layers.Dense(2)
-        self.gate = gate
-
-    def call(self, x):
-        y = self.dense(x)
-
-        def wait(a):
-            self.gate.wait(20)
-            return a
-
-        out = tf.numpy_function(wait, [y], tf.float32, stateful=True)
-        out.set_shape(y.shape)
-        return out
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from _gated import GatedModel
 from keras_tandem import Predictor, serve
 from keras_tandem.server import DEFAULT_MAX_BODY_BYTES, _repository
 
@@ -46,28 +46,6 @@ def two_in_two_out(seed=0):
 def ref(model, x):
     out = model(x, training=False)
     return keras.tree.map_structure(keras.ops.convert_to_numpy, out)
-
-
-class GatedModel(keras.Model):
-    """Blocks its forward pass until `gate` is set; fails on an input of 666."""
-
-    def __init__(self, gate):
-        super().__init__()
-        self.dense = keras.layers.Dense(2)
-        self.gate = gate
-
-    def call(self, x):
-        y = self.dense(x)
-
-        def run(a, xs):
-            if (xs == 666).any():
-                raise ValueError("the model refuses 666")
-            self.gate.wait(20)
-            return a
-
-        out = tf.numpy_function(run, [y, x], tf.float32, stateful=True)
-        out.set_shape(y.shape)
-        return out
 
 
 def request(url, method, path, body=None, headers=None, timeout=30):

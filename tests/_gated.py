@@ -1,0 +1,26 @@
+"""A model whose forward pass blocks until a gate is set: a stuck worker on demand."""
+
+import keras
+import tensorflow as tf
+
+
+class GatedModel(keras.Model):
+    """Blocks its forward pass until `gate` is set; fails on an input of 666."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+        self.gate = gate
+
+    def call(self, x):
+        y = self.dense(x)
+
+        def run(a, xs):
+            if (xs == 666).any():
+                raise ValueError("the model refuses 666")
+            self.gate.wait(20)
+            return a
+
+        out = tf.numpy_function(run, [y, x], tf.float32, stateful=True)
+        out.set_shape(y.shape)
+        return out
