@@ -463,16 +463,44 @@ def test_a_direct_call_that_disagrees_at_warm_up_is_not_used(monkeypatch):
     # when they differ (or when the direct one cannot be made).
     from keras_tandem import _forward
 
-    def wrong(fn, executor):
+    def wrong(fn, executor, via_call_op=True):
         return lambda args: [tf.zeros_like(t) for t in fn._call_flat(args, [])]
 
     model = mlp()
     x = np.random.default_rng(0).random((3, 8)).astype("float32")
     for replacement in (wrong, None):
         if replacement is None:
-            def replacement(fn, executor):
+            def replacement(fn, executor, via_call_op=True):
                 raise AttributeError("no such private API")
         monkeypatch.setattr(_forward, "_direct_caller", replacement)
         with Predictor(model, max_batch_size=4) as p:
+            assert p._forward.call_path == "function"
             np.testing.assert_allclose(p.predict(x), model.predict(x, verbose=0), rtol=1e-5,
                                        atol=1e-6)
+
+
+def test_forward_pass_runs_through_a_call_op_and_falls_back_to_a_direct_call(monkeypatch):
+    # A function run through a PartitionedCall op runs on the worker thread
+    # (no hop to TensorFlow's inter-op pool); where that op path is refused,
+    # the plain direct call is checked and used instead.
+    from keras_tandem import _forward
+
+    model = mlp()
+    x = np.random.default_rng(0).random((5, 8)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    with Predictor(model, max_batch_size=8) as p:
+        assert p._forward.call_path == "call op"
+        np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict(x[1]), expected[1], rtol=1e-5, atol=1e-6)
+
+    real = _forward._direct_caller
+
+    def no_call_op(fn, executor, via_call_op=True):
+        if via_call_op:
+            raise RuntimeError("PartitionedCall refused")
+        return real(fn, executor, via_call_op)
+
+    monkeypatch.setattr(_forward, "_direct_caller", no_call_op)
+    with Predictor(model, max_batch_size=8) as p:
+        assert p._forward.call_path == "direct"
+        np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)

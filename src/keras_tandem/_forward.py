@@ -104,7 +104,8 @@ def _flat_caller(fn: Any) -> Callable[[list[Any]], list[Any]]:
     return call_public
 
 
-def _direct_caller(fn: Any, executor_type: str) -> Callable[[list[Any]], list[Any]]:
+def _direct_caller(fn: Any, executor_type: str, via_call_op: bool = True
+                   ) -> Callable[[list[Any]], list[Any]]:
     """A caller that hands a concrete function's flat inputs straight to TensorFlow's executor.
 
     Under a training load every serving call runs on cold CPU caches, and
@@ -112,9 +113,16 @@ def _direct_caller(fn: Any, executor_type: str) -> Callable[[list[Any]], list[An
     ten frames, each re-reading the thread's call options) cost more than
     the rest of the call. This does what they end with, once per call: one
     `TFE_Py_Execute` with the attributes fixed when it is made (on the
-    worker thread, whose options they are). Private TensorFlow API: the
-    caller checks it against `_flat_caller` at warm-up and keeps that one
-    where this fails.
+    worker thread, whose options they are).
+
+    With `via_call_op`, the function runs inside a `PartitionedCall` op
+    rather than as itself: TensorFlow runs a function called by name
+    asynchronously on its inter-op thread pool and blocks the caller until
+    it is done (two thread hand-offs per pass, and the pass queues behind
+    training's ops on that shared pool), while a single op, which eager
+    mode wraps in a small function of its own, runs synchronously on the
+    calling thread. Private TensorFlow API: the caller checks it against
+    `_flat_caller` at warm-up and keeps that one where this fails.
     """
     import itertools
 
@@ -126,15 +134,23 @@ def _direct_caller(fn: Any, executor_type: str) -> Callable[[list[Any]], list[An
     ctx.ensure_initialized()
     name = atomic.name.decode() if isinstance(atomic.name, bytes) else str(atomic.name)
     outputs = len(atomic.function_type.flat_outputs)
-    attrs = dict(ctx.function_call_options.as_attrs(), executor_type=executor_type)
-    attrs = tuple(itertools.chain(*attrs.items()))
+    options = dict(ctx.function_call_options.as_attrs(), executor_type=executor_type)
     captured = list(fn.captured_inputs)
+    if via_call_op:
+        signature = atomic.definition.signature
+        op = "PartitionedCall"
+        attrs = {"Tin": [int(a.type) for a in signature.input_arg],
+                 "Tout": [int(a.type) for a in signature.output_arg],
+                 "f": name, "config": "", **options}
+    else:
+        op, attrs = name, options
+    attrs = tuple(itertools.chain(*attrs.items()))
     handle, device, execute = ctx._handle, ctx.device_name, pywrap_tfe.TFE_Py_Execute
     not_ok, to_exception = core._NotOkStatusException, core._status_to_exception
 
     def call(args):
         try:
-            return execute(handle, device, name, args + captured if captured else args, attrs,
+            return execute(handle, device, op, args + captured if captured else args, attrs,
                            outputs)
         except not_ok as e:
             raise to_exception(e) from None
@@ -213,7 +229,10 @@ class CompiledForward:
             # keys sorted), which need not be the model's order of inputs.
             self._input_order = tf.nest.flatten(signature.pack(list(range(len(self.buffers)))))
             self._views = self._buffer_views()
-            self.executor_type = self._warm_up(jit_compile)
+            # How each pass reaches TensorFlow: "call op", "direct" or "function"
+        # (see `_direct_caller`); set at warm-up.
+        self.call_path = "function"
+        self.executor_type = self._warm_up(jit_compile)
 
     def _buffer_views(self) -> dict[int, list[Any]] | None:
         """Per bucket, tensors that view the first rows of the batch buffers.
@@ -257,32 +276,45 @@ class CompiledForward:
         if not executor:
             for b in self.buckets:
                 self.run(b)
-        self._use_direct_calls(executor)
+        self._use_direct_calls(executor, jit_compile)
         return executor
 
-    def _use_direct_calls(self, executor: str) -> None:
+    def _use_direct_calls(self, executor: str, jit_compile: bool) -> None:
         # Keeps the `_flat_caller`s unless the direct ones give the same outputs.
         patterned = [b for b in self.buffers if b.dtype.kind in "fiub"]
         for b in patterned:  # rows that differ, so a mix-up would show
             flat = b.reshape(-1)
             flat[:] = (np.arange(flat.size) % 7).astype(b.dtype)
         try:
-            direct = {b: _direct_caller(f, executor) for b, f in self._fns.items()}
+            # The call op only where the function is not compiled by XLA: a
+            # compiled function runs on the calling thread already.
+            for via_call_op in ((False,) if jit_compile else (True, False)):
+                direct = self._checked_direct_calls(executor, via_call_op)
+                if direct is not None:
+                    self._calls = direct
+                    self.call_path = "call op" if via_call_op else "direct"
+                    return
+        finally:
+            for b in patterned:
+                b.fill(0)
+
+    def _checked_direct_calls(self, executor: str, via_call_op: bool
+                              ) -> dict[int, Callable[[list[Any]], list[Any]]] | None:
+        """Direct callers per bucket, or None unless they match `_calls` on every bucket."""
+        try:
+            direct = {b: _direct_caller(f, executor, via_call_op) for b, f in self._fns.items()}
             for b in self.buckets:
                 args = [*self._flat_weights, *(self._tf.constant(self.buffers[i][:b])
                                                for i in self._input_order)]
                 with self.executor_scope_for(executor):
                     expected = [t.numpy() for t in self._calls[b](args)]
-                got = [t.numpy() for t in direct[b](args)]
+                    got = [t.numpy() for t in direct[b](args)]
                 if len(got) != len(expected) or not all(
                         np.array_equal(g, e, equal_nan=True) for g, e in zip(got, expected)):
-                    return
+                    return None
         except Exception:  # noqa: BLE001 - private API moved or refused: keep the public path
-            return
-        finally:
-            for b in patterned:
-                b.fill(0)
-        self._calls = direct
+            return None
+        return direct
 
     def executor_scope(self) -> contextlib.AbstractContextManager:
         """The scope the worker runs `run` in: the executor chosen at warm-up.
