@@ -20,7 +20,7 @@ def test_train_serve_bench_reports_every_ratio(tmp_path, capsys):
         assert rows[case]["versions_published"] >= 1 and rows[case]["versions_served"] >= 1
     printed = capsys.readouterr().out
     for name in ("train_vs_alone", "train_vs_alone_naive", "train_vs_alone_closed",
-                 "served_fraction", "p99_ms"):
+                 "served_fraction", "p99_ms", "p99_sent_ms"):
         assert name in doc["ratios"] and f"\n{name}=" in printed
     assert doc["ratios"]["train_vs_alone"] > 0 and doc["ratios"]["train_vs_alone_naive"] is None
     assert rows["Predictor, open loop"]["mean_batch"] >= 1
@@ -49,8 +49,25 @@ def test_open_loop_summary_counts_requests_never_answered():
     load._t0, load._stopped = 0.0, 0.2
     period = 2 / 100.0
     # Client 0 answers each of its requests 1 ms after it is due; client 1 is stuck.
-    load.records[0] = [(0.0 + k * period, 0.0 + k * period + 0.001, 1) for k in range(5)]
+    load.records[0] = [(0.0 + k * period, 0.0 + k * period + 0.001, 1, 0.0 + k * period)
+                       for k in range(5)]
     summary = load.summary(0.0, 0.095)
     assert summary["served_fraction"] == 0.5  # 5 of the 10 requests due in the window
     # Client 1's five unanswered requests waited until the load stopped (0.11-0.19 s).
     assert 180 < summary["p99_ms"] < 191
+    # Sent, client 1 has one request only (due at 10 ms, waiting 190 ms); the others
+    # were never sent. Client 0's five took 1 ms each from sending.
+    waits = sorted(load._sent_waits(0.0, 0.095))
+    assert len(waits) == 6 and max(waits[:5]) < 0.0011 and abs(waits[5] - 0.19) < 1e-9
+
+
+def test_open_loop_latency_from_sending_leaves_out_a_client_threads_own_lateness():
+    from keras_tandem.bench import train_serve
+
+    load = train_serve._Load(lambda x: None, [None], threads=1, rate=100.0)  # every 10 ms
+    load._t0, load._stopped = 0.0, 1.0
+    # The thread woke 20 ms late for every request; each answer took 1 ms after sending.
+    load.records[0] = [(k * 0.01, k * 0.01 + 0.021, 1, k * 0.01 + 0.02) for k in range(50)]
+    summary = load.summary(0.0, 0.49)
+    assert 20.9 < summary["p99_ms"] < 21.1  # response time, from the due time
+    assert 0.9 < summary["p99_sent_ms"] < 1.1  # service time, from sending

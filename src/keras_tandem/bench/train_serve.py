@@ -49,6 +49,7 @@ COLUMNS = {
     "batch": "mean_batch",             # mean requests per forward pass
     "p50 ms": "p50_ms",
     "p99 ms": "p99_ms",                # open loop: from the time a request was due
+    "p99 sent": "p99_sent_ms",         # from the time the client thread sent it
     "published": "versions_published",
     "v served": "versions_served",
     "stall ms": "publish_ms_mean",     # training-thread stall per publish
@@ -85,14 +86,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Load:
     """Client threads calling `call(x)`: paced at `rate` requests/s in all, or closed loop.
 
-    Every answer is recorded as (scheduled or sent at, answered at, version).
+    Every answer is recorded as (scheduled at, answered at, version, sent at):
+    an open-loop request is sent when it is due or, if its thread is still
+    waiting for the previous answer then, when that answer comes (or later,
+    if the thread itself wakes late).
     """
 
     def __init__(self, call: Callable[[Any], Any], inputs: list[np.ndarray], threads: int,
                  rate: float | None):
         self._call, self._inputs, self.rate = call, inputs, rate
         self._stop = threading.Event()
-        self.records: list[list[tuple[float, float, Any]]] = [[] for _ in range(threads)]
+        self.records: list[list[tuple[float, float, Any, float]]] = [[] for _ in range(threads)]
         self.errors = [0] * threads
         self._threads = [threading.Thread(target=self._client, args=(i, threads), daemon=True)
                          for i in range(threads)]
@@ -138,14 +142,34 @@ class _Load:
                     time.sleep(delay)
                     if stop.is_set():
                         break
+                sent = _now()
             else:
-                scheduled = _now()
+                scheduled = sent = _now()
             try:
                 version = call(x)
             except Exception:  # noqa: BLE001 - counted; the naive way does fail
                 self.errors[i] += 1
                 continue
-            mine.append((scheduled, _now(), version))
+            mine.append((scheduled, _now(), version, sent))
+
+    def _sent_waits(self, t0: float, t1: float) -> list[float]:
+        """Open loop: seconds from sending to the answer, of the requests due in [t0, t1].
+
+        A thread's request still unanswered when the load stopped was sent
+        at its due time or at the thread's last answer, whichever is later,
+        and counts the time it had waited; later ones were never sent.
+        """
+        due_by_client: list[list[float]] = [[] for _ in self.records]
+        for i, due in self._slots(t0, t1):
+            due_by_client[i].append(due)
+        waits = []
+        for mine, dues in zip(self.records, due_by_client):
+            waits.extend(at - sent for due, at, _, sent in mine if t0 <= due <= t1)
+            last_due, last_at = (mine[-1][0], mine[-1][1]) if mine else (-math.inf, self._t0)
+            pending = [due for due in dues if due > last_due]
+            if pending and pending[0] < self._stopped:
+                waits.append(self._stopped - max(pending[0], last_at))
+        return waits
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:
         """What the clients got while training ran, in the window [t0, t1].
@@ -159,6 +183,10 @@ class _Load:
             sent (closed loop) in the window, from that time to the answer;
             an open-loop request never answered counts the time it had
             waited when the load stopped;
+            `p99_sent_ms` (open loop): the same from the time each request
+            was sent, over the requests sent (one still waiting when the
+            load stopped counts the time it had waited): what the Predictor
+            took, without a client thread's own lateness in sending;
             `versions_served` and `errors`.
         """
         records = [r for mine in self.records for r in mine]
@@ -168,19 +196,22 @@ class _Load:
             # Every request due while training ran, answered or not: one never
             # answered (its client stuck behind earlier ones) counts with the
             # time it had waited when the load stopped, a lower bound.
-            answered = [{due: at for due, at, _ in mine} for mine in self.records]
+            answered = [{due: at for due, at, *_ in mine} for mine in self.records]
             slots = self._slots(t0, t1)
             waits = [answered[i].get(due, self._stopped) - due for i, due in slots]
             served = sum(1 for i, due in slots if due in answered[i])
             lat = np.array(waits) * 1e3
+            sent_lat = np.array(self._sent_waits(t0, t1)) * 1e3
         else:
             lat = np.array([r[1] - r[0] for r in records if t0 <= r[0] <= t1]) * 1e3
+            sent_lat = lat
         return {
             "offered_rps": self.rate,
             "served_rps": len(done) / (t1 - t0),
             "served_fraction": served / len(slots) if self.rate and slots else None,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "p99_sent_ms": float(np.percentile(sent_lat, 99)) if len(sent_lat) else None,
             "versions_served": len(versions) or None,
             "errors": sum(self.errors),
         }
@@ -318,6 +349,7 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
 
 def _progress(row: dict) -> None:
     served = (f"  served {row['served_rps']:,.0f} req/s  p99 {row['p99_ms']:.1f} ms"
+              f" ({row['p99_sent_ms']:.1f} ms from sending)"
               if row.get("served_rps") is not None and row.get("p99_ms") is not None else "")
     _report.console.print(f"  {row['case']:<26} rep {row['rep']}: train "
                           f"{row['train_sps']:,.0f} samples/s{served}")
@@ -447,6 +479,7 @@ def _ratios(rows: list[dict]) -> dict[str, float | None]:
         "train_vs_alone_closed": closed.get("train_vs_alone"),
         "served_fraction": open_.get("served_fraction"),
         "p99_ms": open_.get("p99_ms"),
+        "p99_sent_ms": open_.get("p99_sent_ms"),
         "served_fraction_naive": naive.get("served_fraction"),
         "p99_ms_naive": naive.get("p99_ms"),
         "served_rps_closed": closed.get("served_rps"),
