@@ -8,7 +8,8 @@ import json
 from keras_tandem.bench import pipeline as bench
 
 RATIOS = ["pipeline_vs_compute_cpu", "pipeline_vs_compute_io", "pipeline_vs_sequential_cpu",
-          "pipeline_vs_sequential_io", "pipeline_cached_vs_compute_cpu",
+          "pipeline_vs_sequential_io", "pipeline_per_example_vs_compute_cpu",
+          "pipeline_per_example_vs_compute_io", "pipeline_cached_vs_compute_cpu",
           "pipeline_cached_vs_compute_io", "probe_agrees_cpu", "probe_agrees_io", "probe_agrees"]
 
 
@@ -25,7 +26,7 @@ def test_tiny_run_reports_rows_ratios_and_probes(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["scenario"] == "pipeline"
     assert [(r["preprocess"], r["technique"][:4]) for r in doc["rows"]] == [
-        (case, t) for case in ("cpu", "io") for t in ("(a) ", "(b) ", "(b')", "(c) ")]
+        (case, t) for case in ("cpu", "io") for t in ("(a) ", "(b) ", "(b1)", "(b')", "(c) ")]
     assert all(r["min_s"] > 0 and r["min_s"] <= r["median_s"] for r in doc["rows"])
     assert set(doc["ratios"]) == set(RATIOS)
     assert doc["ratios"]["probe_agrees"] in (0.0, 1.0)
@@ -38,13 +39,14 @@ def test_probe_agreement_compares_verdict_with_measurement():
         def __init__(self, bound):
             self.input_bound = bound
 
-    def rows(case, a, b, b2, c):
+    def rows(case, a, b, b1, b2, c):
         return [{"preprocess": case, "technique": t, "min_s": v} for t, v in
-                (("(a) s", a), ("(b) p", b), ("(b') p", b2), ("(c) c", c))]
+                (("(a) s", a), ("(b) p", b), ("(b1) p", b1), ("(b') p", b2), ("(c) c", c))]
 
-    measured = rows("cpu", 4.0, 1.5, 1.0, 1.0) + rows("io", 8.0, 1.05, 1.0, 1.0)
+    measured = rows("cpu", 4.0, 1.5, 3.0, 1.0, 1.0) + rows("io", 8.0, 1.05, 2.0, 1.0, 1.0)
     ratios = bench._ratios(measured, {"cpu": Probe(True), "io": Probe(False)})
     assert ratios["pipeline_vs_compute_cpu"] == 1.5
+    assert ratios["pipeline_per_example_vs_compute_io"] == 2.0
     assert ratios["pipeline_vs_sequential_io"] == 1.05 / 8.0
     assert ratios["probe_agrees"] == 1.0
     ratios = bench._ratios(measured, {"cpu": Probe(False), "io": Probe(False)})
