@@ -230,9 +230,9 @@ class CompiledForward:
             self._input_order = tf.nest.flatten(signature.pack(list(range(len(self.buffers)))))
             self._views = self._buffer_views()
             # How each pass reaches TensorFlow: "call op", "direct" or "function"
-        # (see `_direct_caller`); set at warm-up.
-        self.call_path = "function"
-        self.executor_type = self._warm_up(jit_compile)
+            # (see `_direct_caller`); set at warm-up.
+            self.call_path = "function"
+            self.executor_type = self._warm_up(jit_compile)
 
     def _buffer_views(self) -> dict[int, list[Any]] | None:
         """Per bucket, tensors that view the first rows of the batch buffers.
