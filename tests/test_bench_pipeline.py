@@ -40,7 +40,7 @@ def test_probe_agreement_compares_verdict_with_measurement():
             self.input_bound = bound
 
     def rows(case, a, b, b1, b2, c):
-        return [{"preprocess": case, "technique": t, "min_s": v} for t, v in
+        return [{"preprocess": case, "technique": t, "min_s": v, "vs_compute": v / c} for t, v in
                 (("(a) s", a), ("(b) p", b), ("(b1) p", b1), ("(b') p", b2), ("(c) c", c))]
 
     measured = rows("cpu", 4.0, 1.5, 3.0, 1.0, 1.0) + rows("io", 8.0, 1.05, 2.0, 1.0, 1.0)
@@ -51,3 +51,10 @@ def test_probe_agreement_compares_verdict_with_measurement():
     assert ratios["probe_agrees"] == 1.0
     ratios = bench._ratios(measured, {"cpu": Probe(False), "io": Probe(False)})
     assert ratios["probe_agrees_cpu"] == 0.0 and ratios["probe_agrees"] == 0.0
+
+
+def test_vs_compute_pairs_each_round_with_its_own_compute_only_epoch():
+    # Round 3 ran slower for both: paired ratios see through it, minima do not.
+    times, compute = [1.3, 1.1, 1.4], [1.0, 1.0, 1.2]
+    assert bench._vs_compute(times, compute, paired=True) == 1.4 / 1.2  # median of 1.3, 1.1, 1.17
+    assert bench._vs_compute(times, compute, paired=False) == 1.1

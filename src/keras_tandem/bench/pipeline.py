@@ -20,9 +20,12 @@ last `on_train_batch_end`, never around `fit`: destroying a used tf.data
 iterator with autotune on can stall until the autotune thread's next wake-up
 (up to seconds), and that teardown is not training time. `fit` runs on a
 thread that is left to finish that teardown on its own. The first epoch of
-each run warms up (tracing, autotune ramp-up); the table gives the minimum
-and median of the others. Ratios are epoch-time ratios from the minima:
-below 1 means faster.
+each run warms up (tracing, autotune ramp-up), and a run's time is the
+faster of the two epochs after it. Every technique but (a) runs once per
+round, `--repeats` rounds, so a drift of the host's speed touches all alike; `vs_compute` (and the `*_vs_compute_*` ratios) is the median over
+rounds of each epoch time over the compute-only epoch of the same round.
+(a), many times slower, runs once with two timed epochs. The table gives
+the minimum and median epoch time of each; below 1 means faster.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `tandem bench pipeline`."""
     parser.add_argument("--quick", action="store_true", help="short run, well under a minute")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed epochs per run, after one warm-up epoch (default 5; "
-                             "--quick 3)")
+                        help="rounds: timed epochs of each technique, each after a "
+                             "warm-up epoch (default 5; --quick 3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="batches of 64 per epoch (default 96; --quick 24)")
     parser.add_argument("--blur", type=int, default=4,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (24 if args.quick else 96)
     console = _report.console
     console.print(f"[bold]tandem bench pipeline[/] {steps} batches of {BATCH} x {SHAPE} per "
-                  f"epoch, {repeats} timed epochs per run, blur={args.blur}, "
+                  f"epoch, {repeats} rounds, blur={args.blur}, "
                   f"io={args.io_ms:g} ms/example, io_threads={args.io_threads}")
     rng = np.random.default_rng(0)
     n = steps * BATCH
@@ -97,19 +100,29 @@ def run(args: argparse.Namespace) -> int:
                 vectorized=True, cache=True, cache_preprocessed=True, **tuned),
             "(c) cached (compute only)": _in_memory(x, y, preprocess, steps),
         }
-        case_rows = []
-        # Compute-only first: the first run of all also traces the train step.
-        for technique in reversed(list(feeds)):
-            times = _timed_epochs(model, feeds[technique], steps, repeats)
-            row = {"preprocess": case, "technique": technique, "min_s": min(times),
-                   "median_s": statistics.median(times), "samples_per_s": n / min(times)}
-            case_rows.append(row)
+        # The sequential map once (it is many times slower: no threshold is near),
+        # then the others in rounds, each round running every technique once, so
+        # a drift of the host's speed touches them alike; ratios pair each
+        # technique with the compute-only epoch of its own round. Compute-only
+        # goes first: the first run of all also traces the train step.
+        paired = [t for t in reversed(list(feeds)) if not t.startswith("(a)")]
+        times: dict[str, list[float]] = {t: [] for t in paired}
+        for _ in range(repeats):
+            for technique in paired:
+                # The faster of two epochs after the warm-up one: autotune may still
+                # be raising the parallelism in the first.
+                times[technique].append(min(_timed_epochs(model, feeds[technique], steps, 2)))
+        times["(a) sequential map"] = _timed_epochs(model, feeds["(a) sequential map"], steps,
+                                                    min(repeats, 2))
+        compute = times["(c) cached (compute only)"]
+        for technique in feeds:
+            t = times[technique]
+            row = {"preprocess": case, "technique": technique, "min_s": min(t),
+                   "median_s": statistics.median(t), "samples_per_s": n / min(t),
+                   "vs_compute": _vs_compute(t, compute, paired=technique in paired)}
+            rows.append(row)
             console.print(f"  {case:<4} {technique:<31} min {row['min_s']:.3f} s  "
-                          f"median {row['median_s']:.3f} s")
-        compute = case_rows[0]["min_s"]
-        for row in case_rows:
-            row["vs_compute"] = row["min_s"] / compute
-        rows.extend(reversed(case_rows))
+                          f"median {row['median_s']:.3f} s  vs compute {row['vs_compute']:.2f}")
         probe = probe_input(feeds["(b) make_pipeline"], model, batches=min(steps, 24),
                             max_seconds=3.0, tolerance=TOLERANCE)
         probes[case] = probe
@@ -127,23 +140,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vs_compute(times: list[float], compute: list[float], paired: bool) -> float:
+    """Epoch time over compute-only: the median of per-round ratios, or of the minima."""
+    if paired:
+        return statistics.median(t / c for t, c in zip(times, compute))
+    return min(times) / min(compute)
+
+
 def _ratios(rows: list[dict], probes: dict[str, Any]) -> dict[str, float | None]:
-    def time_of(case, prefix):
-        return next(r["min_s"] for r in rows
+    def row_of(case, prefix):
+        return next(r for r in rows
                     if r["preprocess"] == case and r["technique"].startswith(prefix))
 
     ratios: dict[str, float | None] = {}
     agree = []
     for case in probes:
-        ratios[f"pipeline_vs_compute_{case}"] = time_of(case, "(b)") / time_of(case, "(c)")
+        ratios[f"pipeline_vs_compute_{case}"] = row_of(case, "(b)")["vs_compute"]
     for case in probes:
-        ratios[f"pipeline_vs_sequential_{case}"] = time_of(case, "(b)") / time_of(case, "(a)")
+        ratios[f"pipeline_vs_sequential_{case}"] = \
+            row_of(case, "(b)")["min_s"] / row_of(case, "(a)")["min_s"]
     for case in probes:
-        ratios[f"pipeline_per_example_vs_compute_{case}"] = \
-            time_of(case, "(b1)") / time_of(case, "(c)")
+        ratios[f"pipeline_per_example_vs_compute_{case}"] = row_of(case, "(b1)")["vs_compute"]
     for case in probes:
-        ratios[f"pipeline_cached_vs_compute_{case}"] = \
-            time_of(case, "(b')") / time_of(case, "(c)")
+        ratios[f"pipeline_cached_vs_compute_{case}"] = row_of(case, "(b')")["vs_compute"]
     for case, probe in probes.items():
         measured = ratios[f"pipeline_vs_compute_{case}"] > 1 + TOLERANCE
         agree.append(probe.input_bound == measured)
