@@ -286,6 +286,20 @@ def test_probe_says_not_input_bound_for_a_trivial_pipeline_and_a_heavier_model()
     assert probe.input_samples_per_s == pytest.approx(probe.input_batches_per_s * 256)
 
 
+def test_expected_slowdown_credits_idle_cores():
+    from keras_tandem.pipeline import _expected_slowdown
+
+    ms = 1e-3
+    # A pipeline slower than the step: the step waits for it.
+    assert _expected_slowdown(20 * ms, 10 * ms, 1 * ms, 10 * ms, cores=2) == 2.0
+    # A step keeping both of 2 cores busy: the pipeline's 4 ms of CPU add to it.
+    assert _expected_slowdown(2 * ms, 10 * ms, 4 * ms, 20 * ms, cores=2) == 1.4
+    # The same step on 16 cores leaves 14 idle: the pipeline's CPU mostly hides.
+    assert _expected_slowdown(2 * ms, 10 * ms, 4 * ms, 20 * ms, cores=16) == 1.05
+    # A GPU step barely uses the host: only the pipeline's own rate counts.
+    assert _expected_slowdown(2 * ms, 10 * ms, 4 * ms, 0.0, cores=2) == 1.0
+
+
 def test_probe_without_a_model_measures_the_pipeline_only(arrays):
     x, y = arrays
     probe = probe_input(make_pipeline((x, y), batch_size=2), batches=5)

@@ -325,10 +325,11 @@ class InputProbe:
         expected_slowdown: estimated step time with this input over the step
             time on cached batches (1.0: the input costs nothing). The step
             waits for a slower pipeline, and the pipeline's CPU time adds to
-            the step in proportion to how busy the step keeps the CPU
-            (`model_cpu_s` over the step time, at most 1): on a CPU host the
-            preprocess competes with the train step for the cores, while a
-            GPU step leaves the host CPU mostly free.
+            the step in proportion to the share of the cores the step keeps
+            busy (`model_cpu_s` over the step time and the usable cores, at
+            most 1): on a small CPU host the preprocess competes with the
+            train step for the cores, while idle cores (a GPU step, or a
+            step that uses a few of many cores) take it for free.
         input_bound: whether `expected_slowdown` exceeds 1 + tolerance (None
             without a model).
         verdict: one line saying so, with the figures.
@@ -412,24 +413,47 @@ def probe_input(dataset: tf.data.Dataset, model: Any = None, *, batches: int = 2
 
     m_rate, m_cpu, m_samples = _time_train_steps(model, held, batches, warmup, max_seconds)
     t_in, t_model = 1 / in_rate, 1 / m_rate
-    shared = t_model + in_cpu * min(1.0, m_cpu / t_model)
-    slowdown = max(t_in, shared) / t_model
+    cores = _usable_cores()
+    slowdown = _expected_slowdown(t_in, t_model, in_cpu, m_cpu, cores)
     bound = slowdown > 1 + tolerance
     if not bound:
         verdict = (f"not input-bound: the pipeline delivers {in_rate:,.1f} batches/s, "
                    f"{in_rate / m_rate:.1f}x the {m_rate:,.1f} train steps/s on cached data")
-    elif t_in >= shared:
+    elif t_in / t_model >= slowdown:  # the pipeline alone is the slower
         verdict = (f"input-bound: the pipeline delivers {in_rate:,.1f} batches/s but the "
                    f"model trains {m_rate:,.1f} steps/s on cached data; expect about "
                    f"{slowdown:.1f}x the compute-only epoch time (parallelise, vectorise or "
                    "cache the preprocess; io_threads for waits)")
     else:
         verdict = (f"input-bound: the pipeline needs {in_cpu * 1e3:,.1f} ms of CPU per batch "
-                   f"beside a {t_model * 1e3:,.1f} ms train step that keeps the CPU busy; "
+                   f"beside a {t_model * 1e3:,.1f} ms train step that keeps "
+                   f"{min(1.0, m_cpu / t_model / cores):.0%} of {cores} cores busy; "
                    f"expect about {slowdown:.1f}x the compute-only epoch time (cache or "
                    "vectorise the preprocess)")
     return InputProbe(in_rate, in_samples, m_rate, m_samples, slowdown, bound, verdict, timed,
                       in_cpu, m_cpu)
+
+
+def _expected_slowdown(t_in: float, t_model: float, in_cpu: float, m_cpu: float,
+                       cores: int) -> float:
+    """Step time fed by the pipeline over the step time on cached batches (see InputProbe).
+
+    Args:
+        t_in: seconds per batch of the pipeline alone.
+        t_model: seconds per train step on cached batches.
+        in_cpu: CPU seconds per batch of the pipeline alone.
+        m_cpu: CPU seconds per train step on cached batches.
+        cores: cores this process may use.
+    """
+    busy = min(1.0, m_cpu / (t_model * max(1, cores)))
+    return max(t_in, t_model + in_cpu * busy) / t_model
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _time_train_steps(model, held, batches, warmup, max_seconds):

@@ -22,8 +22,9 @@ iterator with autotune on can stall until the autotune thread's next wake-up
 thread that is left to finish that teardown on its own. The first epoch of
 each run warms up (tracing, autotune ramp-up), and a run's time is the
 faster of the two epochs after it. Every technique but (a) runs once per
-round, `--repeats` rounds, so a drift of the host's speed touches all alike; `vs_compute` (and the `*_vs_compute_*` ratios) is the median over
-rounds of each epoch time over the compute-only epoch of the same round.
+round, `--repeats` rounds, so a drift of the host's speed touches all
+alike; `vs_compute` (and the `*_vs_compute_*` ratios) is the median over
+rounds of each run's time over the compute-only run of the same round.
 (a), many times slower, runs once with two timed epochs. The table gives
 the minimum and median epoch time of each; below 1 means faster.
 """
