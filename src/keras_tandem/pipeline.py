@@ -427,7 +427,7 @@ def probe_input(dataset: tf.data.Dataset, model: Any = None, *, batches: int = 2
     else:
         verdict = (f"input-bound: the pipeline needs {in_cpu * 1e3:,.1f} ms of CPU per batch "
                    f"beside a {t_model * 1e3:,.1f} ms train step that keeps "
-                   f"{min(1.0, m_cpu / t_model / cores):.0%} of {cores} cores busy; "
+                   f"{_busy_share(m_cpu, t_model, cores):.0%} of {cores} cores busy; "
                    f"expect about {slowdown:.1f}x the compute-only epoch time (cache or "
                    "vectorise the preprocess)")
     return InputProbe(in_rate, in_samples, m_rate, m_samples, slowdown, bound, verdict, timed,
@@ -445,8 +445,12 @@ def _expected_slowdown(t_in: float, t_model: float, in_cpu: float, m_cpu: float,
         m_cpu: CPU seconds per train step on cached batches.
         cores: cores this process may use.
     """
-    busy = min(1.0, m_cpu / (t_model * max(1, cores)))
-    return max(t_in, t_model + in_cpu * busy) / t_model
+    return max(t_in, t_model + in_cpu * _busy_share(m_cpu, t_model, cores)) / t_model
+
+
+def _busy_share(m_cpu: float, t_model: float, cores: int) -> float:
+    """The share of the usable cores a train step keeps busy (at most 1)."""
+    return min(1.0, m_cpu / (t_model * max(1, cores)))
 
 
 def _usable_cores() -> int:
