@@ -8,8 +8,8 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from keras_tandem._batching import BatchQueue, Request
 from keras_tandem.errors import Overloaded, PredictorClosed
+from keras_tandem.serving._batching import BatchQueue, Request
 
 
 def request(rows=1, future=None):

@@ -12,7 +12,7 @@ N = 600  # elements per epoch
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from keras_tandem.data_service import start_dispatcher, start_worker
+    from keras_tandem.data.service import start_dispatcher, start_worker
 
     dispatcher = start_dispatcher(0, tmp_path_factory.mktemp("dispatcher"))
     port = dispatcher.target.rsplit(":", 1)[-1]
@@ -29,7 +29,7 @@ def _epoch(dataset):
 
 
 def test_dynamic_sharding_yields_every_element_exactly_once_per_epoch(service):
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.data.pipeline import make_pipeline
 
     x = np.arange(N, dtype=np.int64)
     ds = make_pipeline((x, x % 7), batch_size=16, preprocess=lambda a, b: (a * 3, b),
@@ -41,7 +41,7 @@ def test_dynamic_sharding_yields_every_element_exactly_once_per_epoch(service):
 
 
 def test_without_sharding_each_of_the_two_workers_yields_the_whole_dataset(service):
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.data.pipeline import make_pipeline
 
     x = np.arange(N, dtype=np.int64)
     ds = make_pipeline((x, x), batch_size=16, service=service, service_sharding="off")
@@ -51,7 +51,7 @@ def test_without_sharding_each_of_the_two_workers_yields_the_whole_dataset(servi
 
 
 def test_a_shared_job_splits_one_pass_between_two_consumers(service):
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.data.pipeline import make_pipeline
 
     x = np.arange(N, dtype=np.int64)
     a, b = (make_pipeline((x, x), batch_size=10, service=service, service_job_name="shared")
@@ -69,7 +69,7 @@ def test_a_shared_job_splits_one_pass_between_two_consumers(service):
 def test_service_refuses_generators_and_unknown_sharding(service):
     import tensorflow as tf
 
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.data.pipeline import make_pipeline
 
     with pytest.raises(ValueError, match="generator"):
         make_pipeline(lambda: iter([1, 2]), batch_size=2, service=service,
@@ -79,7 +79,7 @@ def test_service_refuses_generators_and_unknown_sharding(service):
 
 
 def test_worker_address_with_uppercase_port_is_refused():
-    from keras_tandem.data_service import start_dispatcher, start_worker
+    from keras_tandem.data.service import start_dispatcher, start_worker
 
     with pytest.raises(ValueError, match="lowercase"):
         start_worker("127.0.0.1:1", worker_address="127.0.0.1:%PORT%")
@@ -108,8 +108,8 @@ def _kill(procs):
 
 
 def test_tandem_data_service_processes_survive_a_dispatcher_restart(tmp_path):
-    from keras_tandem.launcher import free_ports
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.cluster.launcher import free_ports
+    from keras_tandem.data.pipeline import make_pipeline
 
     port = free_ports(1)[0]
     work = tmp_path / "journal"

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from keras_tandem.distribute import _plan
+from keras_tandem.cluster.strategy import _plan
 
 MIRRORED_CHILD = textwrap.dedent("""
     import json
@@ -28,7 +28,7 @@ MIRRORED_CHILD = textwrap.dedent("""
 
     import keras
     from keras_tandem import Predictor, choose_strategy, make_pipeline
-    from keras_tandem.distribute import describe_strategy
+    from keras_tandem.cluster.strategy import describe_strategy
 
     report = {"plain": describe_strategy(choose_strategy())}
     strategy = choose_strategy(devices="CPU")
@@ -73,7 +73,7 @@ MIRRORED_CHILD = textwrap.dedent("""
 WORKER_CHILD = textwrap.dedent("""
     import json
     from keras_tandem import choose_strategy
-    from keras_tandem.distribute import describe_strategy
+    from keras_tandem.cluster.strategy import describe_strategy
 
     strategy = choose_strategy()
     print("REPORT " + json.dumps({"describe": describe_strategy(strategy),

@@ -1,4 +1,4 @@
-"""Multi-worker training: two real worker processes on 127.0.0.1 (`keras_tandem.cluster_job`).
+"""Multi-worker training: two real worker processes on 127.0.0.1 (`keras_tandem.cluster.job`).
 
 Each test starts its cluster with `LocalCluster` (its own process groups) and
 stops it in a `finally`. Synthetic-free: the bundled 8x8 digits, 1792 rows
@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from keras_tandem.launcher import LocalCluster, describe_exit, tf_configs
+from keras_tandem.cluster.launcher import LocalCluster, describe_exit, tf_configs
 
 ROWS = 1792
-JOB = [sys.executable, "-m", "keras_tandem.cluster_job", "--model", "mlp", "--rows", str(ROWS),
+JOB = [sys.executable, "-m", "keras_tandem.cluster.job", "--model", "mlp", "--rows", str(ROWS),
        "--lr", "0.003"]
 WAIT_S = 120
 
@@ -82,8 +82,8 @@ def test_two_workers_end_identical_and_train_like_one_process_of_the_global_batc
     # The same rows in the same order, one process, batches of 64 (Keras's own fit).
     import keras
 
-    from keras_tandem.cluster_job import build_model, make_data
-    from keras_tandem.training import train_in_background
+    from keras_tandem.cluster.job import build_model, make_data
+    from keras_tandem.training.background import train_in_background
 
     x, y = make_data("digits", ROWS, 0)
     model = build_model("mlp", 0.003, 0)
@@ -131,7 +131,7 @@ def test_sigkill_stops_the_survivor_with_a_message_and_a_restart_resumes(tmp_pat
     # both workers alike: the chief's saved model gives the same figures here.
     import keras
 
-    from keras_tandem.cluster_job import make_data
+    from keras_tandem.cluster.job import make_data
 
     history = reports[0]["history"]
     assert history == reports[1]["history"] and len(history["val_loss"]) == 2
@@ -167,7 +167,7 @@ def test_describe_exit():
 
 @pytest.mark.parametrize("bad", ['{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}}'])
 def test_parameter_server_clusters_are_refused(monkeypatch, bad):
-    from keras_tandem.distribute import choose_strategy
+    from keras_tandem.cluster.strategy import choose_strategy
 
     monkeypatch.setenv("TF_CONFIG", bad)
     with pytest.raises(ValueError, match="parameter servers"):
@@ -176,11 +176,11 @@ def test_parameter_server_clusters_are_refused(monkeypatch, bad):
 
 STOP_SCRIPT = """
 import json, time
-from keras_tandem.distribute import choose_strategy
+from keras_tandem.cluster.strategy import choose_strategy
 strategy = choose_strategy()
-from keras_tandem import _multiworker
-from keras_tandem.cluster_job import build_model, make_data
-from keras_tandem.training import train_in_background
+from keras_tandem.training import _multiworker
+from keras_tandem.cluster.job import build_model, make_data
+from keras_tandem.training.background import train_in_background
 index, workers, chief = _multiworker.cluster_position(strategy)
 x, y = make_data("digits", 1792, 0)
 with strategy.scope():
@@ -247,15 +247,15 @@ CLUSTER = {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", "127.0.0.1:3"]}
     ({"type": "worker", "index": 1}, (2, 3, False)),
 ])
 def test_cluster_position_counts_the_chief_among_the_workers(monkeypatch, task, expected):
-    from keras_tandem._multiworker import cluster_position
+    from keras_tandem.training._multiworker import cluster_position
 
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": CLUSTER, "task": task}))
     assert cluster_position() == expected
 
 
 def test_a_model_built_outside_the_strategy_warns_that_it_trains_alone(monkeypatch):
-    from keras_tandem.cluster_job import build_model
-    from keras_tandem.training import train_in_background
+    from keras_tandem.cluster.job import build_model
+    from keras_tandem.training.background import train_in_background
 
     monkeypatch.setenv("TF_CONFIG", tf_configs([1, 2])[1])
     model = build_model("mlp", 1e-3, 0)

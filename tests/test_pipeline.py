@@ -287,7 +287,7 @@ def test_probe_says_not_input_bound_for_a_trivial_pipeline_and_a_heavier_model()
 
 
 def test_expected_slowdown_credits_idle_cores():
-    from keras_tandem.pipeline import _expected_slowdown
+    from keras_tandem.data.probe import _expected_slowdown
 
     ms = 1e-3
     # A pipeline slower than the step: the step waits for it.

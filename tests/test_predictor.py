@@ -461,7 +461,7 @@ def test_a_direct_call_that_disagrees_at_warm_up_is_not_used(monkeypatch):
     # The direct executor call is TensorFlow's private API: the Predictor
     # checks it against the documented path at warm-up and keeps that one
     # when they differ (or when the direct one cannot be made).
-    from keras_tandem import _forward
+    from keras_tandem.serving import _forward_tf as _forward
 
     def wrong(fn, executor, via_call_op=True):
         return lambda args: [tf.zeros_like(t) for t in fn._call_flat(args, [])]
@@ -483,7 +483,7 @@ def test_forward_pass_runs_through_a_call_op_and_falls_back_to_a_direct_call(mon
     # A function run through a PartitionedCall op runs on the worker thread
     # (no hop to TensorFlow's inter-op pool); where that op path is refused,
     # the plain direct call is checked and used instead.
-    from keras_tandem import _forward
+    from keras_tandem.serving import _forward_tf as _forward
 
     model = mlp()
     x = np.random.default_rng(0).random((5, 8)).astype("float32")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_tandem import Predictor, PublishWeights, train_in_background
-from keras_tandem.weights import all_finite
+from keras_tandem.training.publish import all_finite
 
 IN, OUT = 8, 4
 

@@ -8,14 +8,15 @@
 from typing import TYPE_CHECKING, Any
 
 from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
-from keras_tandem.predictor import Predictor
+from keras_tandem.serving.predictor import Predictor
 
 if TYPE_CHECKING:
-    from keras_tandem.distribute import choose_strategy
-    from keras_tandem.pipeline import make_pipeline, probe_input
+    from keras_tandem.cluster.strategy import choose_strategy
+    from keras_tandem.data.pipeline import make_pipeline
+    from keras_tandem.data.probe import probe_input
     from keras_tandem.server import serve
-    from keras_tandem.training import TrainingProgress, TrainingRun, train_in_background
-    from keras_tandem.weights import PublishWeights
+    from keras_tandem.training.background import TrainingProgress, TrainingRun, train_in_background
+    from keras_tandem.training.publish import PublishWeights
 
 __all__ = [
     "InvalidInputError",
@@ -35,13 +36,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PublishWeights": "keras_tandem.weights",
-    "TrainingProgress": "keras_tandem.training",
-    "TrainingRun": "keras_tandem.training",
-    "train_in_background": "keras_tandem.training",
-    "make_pipeline": "keras_tandem.pipeline",
-    "probe_input": "keras_tandem.pipeline",
-    "choose_strategy": "keras_tandem.distribute",
+    "PublishWeights": "keras_tandem.training.publish",
+    "TrainingProgress": "keras_tandem.training.background",
+    "TrainingRun": "keras_tandem.training.background",
+    "train_in_background": "keras_tandem.training.background",
+    "make_pipeline": "keras_tandem.data.pipeline",
+    "probe_input": "keras_tandem.data.probe",
+    "choose_strategy": "keras_tandem.cluster.strategy",
     "serve": "keras_tandem.server",  # imports aiohttp
 }
 

@@ -3,8 +3,8 @@
 Subcommands:
 - `tandem bench SCENARIO`: benchmarks, one module each in `keras_tandem.bench`.
 - `tandem demo`: train in the background while threads predict (see `demo.py`).
-- `tandem serve`, `tandem worker` (a local multi-worker cluster, `launcher.py`),
-  `tandem data-service dispatcher|worker` (`data_service.py`).
+- `tandem serve`, `tandem worker` (a local multi-worker cluster, `cluster/launcher.py`),
+  `tandem data-service dispatcher|worker` (`data/service.py`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ BENCHES = {
 COMMANDS = {
     "demo": ("keras_tandem.demo", "train a model in the background while threads predict"),
     "serve": ("keras_tandem.server.cli", "serve a model over HTTP (TF Serving's REST API)"),
-    "worker": ("keras_tandem.launcher", "train on a local multi-worker cluster (127.0.0.1)"),
-    "data-service": ("keras_tandem.data_service",
+    "worker": ("keras_tandem.cluster.launcher",
+               "train on a local multi-worker cluster (127.0.0.1)"),
+    "data-service": ("keras_tandem.data.service",
                      "run a tf.data service dispatcher or worker"),
 }
 

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table and ratio lines."""
-    from keras_tandem.pipeline import make_pipeline, probe_input
+    from keras_tandem.data.pipeline import make_pipeline
+    from keras_tandem.data.probe import probe_input
 
     repeats = args.repeats or (3 if args.quick else 5)
     steps = args.steps or (24 if args.quick else 96)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     y = rng.integers(0, 10, n).astype(np.int64)
     model = _cnn()
     cases = {
-        "cpu": (_cpu_preprocess(args.blur), {}),
+        "cpu": (cpu_preprocess(args.blur), {}),
         "io": (_io_preprocess(args.io_ms / 1e3), {"io_threads": args.io_threads}),
     }
     rows: list[dict[str, Any]] = []
@@ -183,7 +184,7 @@ def _cnn() -> Any:
     return model
 
 
-def _cpu_preprocess(blur: int):
+def cpu_preprocess(blur: int):
     """Scale, blur `blur` times, standardise: works on one image or a batch."""
     import tensorflow as tf
 

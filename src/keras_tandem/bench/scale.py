@@ -1,6 +1,6 @@
 """Scaling out: one worker vs two local workers, and a pipeline local vs on a tf.data service.
 
-Training: the built-in job (`keras_tandem.cluster_job`, a small CNN on
+Training: the built-in job (`keras_tandem.cluster.job`, a small CNN on
 synthetic 8x8 images) runs as (a) one process (plain Keras `fit`), (b) two
 workers under `MultiWorkerMirroredStrategy` at the same global batch (half
 each), and (c) two workers at the same batch per worker (twice the global
@@ -61,10 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(workers: int, batch: int, epochs: int, rows: int, folder: Path) -> dict[str, Any]:
-    from keras_tandem.launcher import LocalCluster, describe_exit
+    from keras_tandem.cluster.launcher import LocalCluster, describe_exit
 
     report = folder / f"w{workers}_b{batch}"
-    command = [sys.executable, "-m", "keras_tandem.cluster_job", "--data", "synthetic",
+    command = [sys.executable, "-m", "keras_tandem.cluster.job", "--data", "synthetic",
                "--rows", str(rows), "--epochs", str(epochs), "--batch-size", str(batch),
                "--report", str(report)]
     cluster = LocalCluster(command, workers, out=None)
@@ -113,14 +113,14 @@ def _input(batches: int, blur: int, folder: Path) -> list[dict[str, Any]]:
     import os
     import signal
 
-    from keras_tandem.bench.pipeline import _cpu_preprocess
-    from keras_tandem.launcher import free_ports
-    from keras_tandem.pipeline import make_pipeline
+    from keras_tandem.bench.pipeline import cpu_preprocess
+    from keras_tandem.cluster.launcher import free_ports
+    from keras_tandem.data.pipeline import make_pipeline
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batches * BATCH, *SHAPE), dtype=np.uint8)
     y = rng.integers(0, 10, batches * BATCH).astype(np.int64)
-    preprocess = _cpu_preprocess(blur)
+    preprocess = cpu_preprocess(blur)
     rows = []
     local = make_pipeline((x, y), batch_size=BATCH, preprocess=preprocess)
     _pass_seconds(local)  # warm-up pass

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from keras_tandem.predictor import Predictor
 from keras_tandem.server._protocol import OutputSpec, version_status
+from keras_tandem.serving.predictor import Predictor
 
 log = logging.getLogger("keras_tandem.server")
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from aiohttp import web
 
-from keras_tandem.predictor import Predictor
 from keras_tandem.server._app import ModelApp
 from keras_tandem.server._metrics import ServerMetrics
 from keras_tandem.server._repository import (
@@ -31,6 +30,7 @@ from keras_tandem.server._repository import (
     probe_outputs,
     servable_from_model,
 )
+from keras_tandem.serving.predictor import Predictor
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 

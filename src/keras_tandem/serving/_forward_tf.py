@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_tandem._signature import InputSignature
+from keras_tandem.serving._signature import InputSignature
 
 _TRACE_LOCK = threading.Lock()
 _ZERO_BYTES_MAX = 16 << 20  # larger padding is zeroed with NumPy instead

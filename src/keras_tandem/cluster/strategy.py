@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-log = logging.getLogger("keras_tandem.distribute")
+log = logging.getLogger("keras_tandem.cluster.strategy")
 
 
 # Default bound on one collective (all-reduce) of a multi-worker step; see choose_strategy.

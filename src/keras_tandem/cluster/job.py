@@ -1,6 +1,6 @@
 """The built-in training job that `tandem worker` runs on each worker of a local cluster.
 
-Run as `python -m keras_tandem.cluster_job [options]` with TF_CONFIG set (by
+Run as `python -m keras_tandem.cluster.job [options]` with TF_CONFIG set (by
 `tandem worker`, or by hand on real machines). Owns only the wiring:
 `choose_strategy` first, a small CNN on scikit-learn's bundled 8x8 digits
 (or synthetic data) built under the strategy, `train_in_background`, and one
@@ -88,14 +88,14 @@ def build_model(kind: str, lr: float, seed: int) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Trains on this worker (all workers run it alike); returns the exit code."""
-    from keras_tandem.distribute import choose_strategy, describe_strategy
+    from keras_tandem.cluster.strategy import choose_strategy, describe_strategy
 
     strategy = choose_strategy()  # first: before TensorFlow's runtime starts
     import keras
     import tensorflow as tf
 
-    from keras_tandem import _multiworker
-    from keras_tandem.training import train_in_background
+    from keras_tandem.training import _multiworker
+    from keras_tandem.training.background import train_in_background
 
     multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     index, workers, is_chief = _multiworker.cluster_position(strategy if multi else None)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.model, args.lr, args.seed)
     predictor = None
     if args.serve and is_chief:
-        from keras_tandem.predictor import Predictor
+        from keras_tandem.serving.predictor import Predictor
 
         predictor = Predictor(model)
 
@@ -171,9 +171,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m keras_tandem.cluster_job`."""
+    """Entry point of `python -m keras_tandem.cluster.job`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m keras_tandem.cluster_job",
+    parser = argparse.ArgumentParser(prog="python -m keras_tandem.cluster.job",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from keras_tandem._batching import BatchQueue, Request
-from keras_tandem._signature import InputSignature
-from keras_tandem._stats import ServingStats
 from keras_tandem.errors import PredictionFailed, PredictorClosed
+from keras_tandem.serving._batching import BatchQueue, Request
+from keras_tandem.serving._signature import InputSignature
+from keras_tandem.serving._stats import ServingStats
 
 _now = time.perf_counter
 _LIVE: weakref.WeakSet[Predictor] = weakref.WeakSet()
@@ -362,7 +362,7 @@ class Predictor:
     # ------------------------------------------------------------ the worker
 
     def _serve(self, model: Any, jit_compile: bool, started: Future) -> None:
-        from keras_tandem._forward import CompiledForward
+        from keras_tandem.serving._forward_tf import CompiledForward
 
         try:
             self._forward = CompiledForward(model, self._signature, self.max_batch_size,

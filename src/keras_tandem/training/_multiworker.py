@@ -124,7 +124,7 @@ def _array_dataset(arrays: tuple, global_batch: int, shuffle: bool, seed: int) -
 def _inputs(data: Any, kwargs: dict[str, Any], workers: int,
             steps_per_epoch: int | None) -> tuple[Any, int, bool]:
     """Returns `(dataset of global batches, steps per epoch, one iterator for all epochs)`."""
-    from keras_tandem import training
+    from keras_tandem.training import background as training
 
     if training._is_arrays(data):
         batch = int(kwargs.pop("batch_size", None) or 32)
@@ -249,7 +249,7 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
         raise ValueError(f"Under MultiWorkerMirroredStrategy, train_in_background does not take "
                          f"{', '.join(unsupported)}.")
     if split and validation is None:
-        from keras_tandem import training
+        from keras_tandem.training import background as training
 
         if not training._is_arrays(data):
             raise ValueError("validation_split needs arrays; pass validation_data instead.")

@@ -5,7 +5,7 @@ forwarded line by line with a `[worker i]` prefix, and the rule that when
 one worker fails (a non-zero exit, a signal) the others are stopped and the
 launcher exits non-zero with a message saying who died and how to resume.
 What each worker runs is a script of the user's (`--script`) or the built-in
-job (`keras_tandem.cluster_job`). On real machines, set TF_CONFIG on each
+job (`keras_tandem.cluster.job`). On real machines, set TF_CONFIG on each
 and run the same script there: nothing in it is specific to this launcher.
 """
 
@@ -204,7 +204,7 @@ def describe_exit(code: int | None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `tandem worker`: the cluster's, then the built-in job's."""
-    from keras_tandem import cluster_job
+    from keras_tandem.cluster import job as cluster_job
 
     parser.add_argument("--num-workers", type=int, default=2,
                         help="worker processes to start on 127.0.0.1 (default 2)")
@@ -222,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_argv(args: argparse.Namespace) -> list[str]:
-    from keras_tandem import cluster_job
+    from keras_tandem.cluster import job as cluster_job
 
     probe = argparse.ArgumentParser(add_help=False)
     cluster_job.add_arguments(probe)
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         extra = [a for a in args.script_args if a != "--"] if args.script_args else []
         command = [sys.executable, args.script, *extra]
     else:
-        command = [sys.executable, "-m", "keras_tandem.cluster_job", *_job_argv(args)]
+        command = [sys.executable, "-m", "keras_tandem.cluster.job", *_job_argv(args)]
     env = {}
     if args.collective_timeout:
         env["KERAS_TANDEM_COLLECTIVE_TIMEOUT_S"] = str(args.collective_timeout)

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_tandem.weights import PublishWeights
+from keras_tandem.training.publish import PublishWeights
 
 _now = time.perf_counter
 _LIVE: weakref.WeakSet[TrainingRun] = weakref.WeakSet()
@@ -360,7 +360,7 @@ def _publishers(publish_to: Any, callbacks: Sequence) -> tuple[list, list[Publis
 
 
 def _cluster_size() -> int:
-    from keras_tandem.distribute import _workers
+    from keras_tandem.cluster.strategy import _workers
 
     try:
         return _workers(os.environ.get("TF_CONFIG"))
@@ -433,7 +433,7 @@ def train_in_background(
                            "background; stop() and join() that run first.")
     callbacks = list(callbacks)
     own, publishers = _publishers(publish_to, callbacks)
-    from keras_tandem import _multiworker
+    from keras_tandem.training import _multiworker
 
     strategy = _multiworker.multi_worker_strategy(model)
     if strategy is not None:

@@ -1,0 +1,16 @@
+"""Serving: predictions from any number of threads, batched.
+
+Owns the `Predictor` (`predictor.py`), the request queue and its batching
+rules (`_batching.py`), the model's input signature and request validation
+(`_signature.py`), the counters behind `Predictor.stats()` (`_stats.py`) and
+the forward pass (`_forward.py`: the backend-neutral interface the worker
+uses; `_forward_tf.py`: TensorFlow's implementation).
+
+Must not import: `training`, `data`, `cluster`, `server`, `bench`. Only the
+`_forward_*` modules may import a backend (TensorFlow), and only on the
+worker thread's behalf: the rest of this package is pure Python and NumPy.
+"""
+
+from keras_tandem.serving.predictor import Predictor
+
+__all__ = ["Predictor"]
