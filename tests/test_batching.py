@@ -1,15 +1,75 @@
-"""`BatchQueue` and `Request` alone: no TensorFlow, no worker thread."""
+"""`BatchQueue` and `Request` alone: no TensorFlow, no worker thread.
 
+The wait rules run on a `FakeClock`: virtual time, with the arrivals of other
+callers scripted on it, so every test asserts which requests a batch holds and
+at what virtual time it was handed out, whatever the load on the machine.
+"""
+
+import heapq
+import itertools
 import threading
-import time
 from _thread import allocate_lock
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from _poll import wait_until
 from keras_tandem.errors import Overloaded, PredictorClosed
 from keras_tandem.serving._batching import BatchQueue, Request
+
+GAP = 0.001  # the steady stream's time between requests
+T0 = 100.0
+
+
+class FakeClock:
+    """Virtual time for a `BatchQueue`, with other callers' work scripted on it.
+
+    `at(t, action)` schedules `action` (another caller's put, a `wake`...) at
+    virtual time `t`. A timed wait of the queue runs the next action due
+    before it would time out, with the queue's lock released as a real wait
+    releases it, and returns at that time; if none is due, it returns at
+    once with time moved to its end. An untimed wait (an idle worker) runs
+    the next action, or else blocks for real until a thread notifies it.
+    """
+
+    def __init__(self, t=T0):
+        self.t = t
+        self.waits = []  # (virtual time, timeout) of every wait of the queue
+        self.blocked = threading.Event()  # an untimed wait is blocking for real
+        self._events = []
+        self._order = itertools.count()
+
+    def now(self):
+        return self.t
+
+    def advance(self, seconds):
+        self.t += seconds
+
+    def at(self, t, action):
+        heapq.heappush(self._events, (t, next(self._order), action))
+
+    def wait(self, condition, timeout):
+        self.waits.append((self.t, timeout))
+        if len(self.waits) > 1000:
+            raise AssertionError("the queue keeps waiting: a wait loop that never ends")
+        if self._events and (timeout is None or self._events[0][0] <= self.t + timeout):
+            t, _, action = heapq.heappop(self._events)
+            self.t = max(self.t, t)
+            condition.release()
+            try:
+                action()
+            finally:
+                condition.acquire()
+            return True
+        if timeout is None:
+            self.blocked.set()
+            if not threading.Condition.wait(condition, 10):
+                raise AssertionError("an idle take was never woken")
+            self.blocked.clear()
+            return True
+        self.t += max(timeout, 0.0)
+        return False
 
 
 def request(rows=1, future=None):
@@ -17,7 +77,44 @@ def request(rows=1, future=None):
     if future is None:
         waiter = allocate_lock()
         waiter.acquire()
-    return Request((np.zeros((rows, 2)),), rows, rows == 1, waiter, future, time.time() + 60)
+    return Request((np.zeros((rows, 2)),), rows, rows == 1, waiter, future, T0 + 60)
+
+
+@pytest.fixture
+def callers():
+    """Four caller threads: the queue tells callers apart by their thread."""
+    pools = [ThreadPoolExecutor(1) for _ in range(4)]
+    yield pools
+    for p in pools:
+        p.shutdown()
+
+
+def put_from(caller, q, rows=1):
+    """`q.put` of a new request on `caller`'s thread; returns the request."""
+    r = request(rows)
+    caller.submit(q.put, r).result(10)
+    return r
+
+
+def steady_stream(q, clock, callers, n=40):
+    """`n` requests, one every GAP of virtual time, from `callers` in turn."""
+    sent = []
+    for i in range(n):
+        clock.advance(GAP)
+        sent.append(put_from(callers[i % len(callers)], q))
+    return sent
+
+
+def busy_queue(clock, callers, max_delay_s=0.02):
+    """A queue that measured a steady stream from `callers` and has drained it."""
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=max_delay_s, clock=clock)
+    sent = steady_stream(q, clock, callers)
+    assert q.take() == sent
+    clock.waits.clear()
+    return q
+
+
+# ------------------------------------------------------------ FIFO, capacity
 
 
 def test_take_returns_everything_queued_up_to_max_rows_in_fifo_order():
@@ -53,43 +150,6 @@ def test_close_refuses_new_but_drains_queued():
     assert q.take() is None
 
 
-def test_take_blocks_until_put_and_wake_returns_empty():
-    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0)
-    got = []
-    t = threading.Thread(target=lambda: got.append(q.take()))
-    t.start()
-    time.sleep(0.05)
-    assert not got  # still waiting: nothing queued
-    r = request()
-    q.put(r)
-    t.join(5)
-    assert got == [[r]]
-    q.wake()
-    assert q.take() == []
-
-
-def test_idle_take_does_not_wait_but_a_busy_one_waits_for_the_expected_rows():
-    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=5.0)
-    q.put(request())
-    t = time.monotonic()
-    assert len(q.take()) == 1  # idle: runs at once
-    assert time.monotonic() - t < 2.0
-    q.put(request())
-    threading.Timer(0.05, lambda: q.put(request())).start()
-    t = time.monotonic()
-    batch = q.take(expect_rows=2)  # waits for the second request, not for 8 rows
-    assert len(batch) == 2
-    assert time.monotonic() - t < 2.0
-
-
-def test_busy_take_waits_at_most_max_delay():
-    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0.2)
-    q.put(request())
-    t = time.monotonic()
-    assert len(q.take(expect_rows=4)) == 1
-    assert 0.15 < time.monotonic() - t < 5.0
-
-
 def test_request_finish_and_fail_reach_future_and_waiter():
     f = Future()
     r = request(future=f)
@@ -101,112 +161,174 @@ def test_request_finish_and_fail_reach_future_and_waiter():
     assert r2.waiter.acquire(False) and isinstance(r2.error, ValueError)
 
 
-def _steady_stream(q, threads, period_s, stop):
-    """`threads` callers, each putting one request every `period_s`, staggered."""
-
-    def caller(i):
-        time.sleep(i * period_s / threads)
-        while not stop.is_set():
-            q.put(request())
-            time.sleep(period_s)
-
-    workers = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(threads)]
-    for w in workers:
-        w.start()
-    return workers
+# ----------------------------------------------------------- the idle worker
 
 
-def test_a_steady_stream_from_several_threads_is_batched_up_to_max_delay():
-    # 4 threads, one request each every 40 ms: a request about every 10 ms.
-    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.1)
-    stop = threading.Event()
-    callers = _steady_stream(q, 4, 0.04, stop)
-    sizes, waits = [], []
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        batch = q.take()
-        sizes.append(len(batch))
-        waits.append(time.perf_counter() - batch[0].enqueued)
-    stop.set()
-    for c in callers:
-        c.join(5)
-    late = sizes[len(sizes) // 3:]  # once the rate is measured
-    assert sum(late) / len(late) >= 2.5  # without the wait, each batch would be 1 request
-    assert max(waits) < 0.1 + 0.05  # never much past max_delay
+@pytest.mark.parametrize("end", ["put", "wake", "close"])
+def test_an_idle_take_blocks_until_a_put_wake_or_close_from_another_thread(end):
+    clock = FakeClock()
+    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=0.005, clock=clock)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(q.take()))
+    worker.start()
+    wait_until(clock.blocked.is_set, 30, "take() never waited on an empty queue")
+    assert not got
+    r = request()
+    {"put": lambda: q.put(r), "wake": q.wake, "close": q.close}[end]()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert got == [{"put": [r], "wake": [], "close": None}[end]]
+    assert clock.t == T0  # the idle wait is untimed: no virtual time went by
+
+
+def test_with_the_real_clock_a_put_ends_a_wait_for_rows_long_before_max_delay():
+    q = BatchQueue(capacity=10, max_rows=8, max_delay_s=60.0)
+    first, second = request(), request()
+    q.put(first)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(q.take(expect_rows=2)))
+    worker.start()
+    q.put(second)  # whether the worker waits already or not, it takes both
+    worker.join(30)  # half of max_delay: only a put that wakes the wait gets here
+    assert got == [[first, second]]
+
+
+# --------------------------------------------------------------- wait rules
+
+
+def test_requests_queued_during_a_pass_are_taken_together_without_a_wait(callers):
+    clock = FakeClock()
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.02, clock=clock)
+    sent = steady_stream(q, clock, callers, n=40)
+    assert q.take() == sent  # all of them, at once
+    assert clock.waits == []
+    more = steady_stream(q, clock, callers, n=70)
+    assert q.take() == more[:64] and q.take() == more[64:]  # max_rows per batch
+
+
+def test_a_busy_take_waits_for_as_many_rows_as_the_last_batch():
+    clock = FakeClock()
+    q = BatchQueue(capacity=100, max_rows=64, max_delay_s=0.005, clock=clock)
+    first = request()
+    q.put(first)
+    later = [request() for _ in range(3)]
+    for i, r in enumerate(later, 1):
+        clock.at(T0 + i * GAP, lambda r=r: q.put(r))
+    assert q.take(expect_rows=3) == [first, *later[:2]]
+    assert clock.t == pytest.approx(T0 + 2 * GAP)  # as soon as the third row came
+
+
+def test_a_busy_take_waits_at_most_max_delay_from_the_oldest_request():
+    clock = FakeClock()
+    q = BatchQueue(capacity=100, max_rows=64, max_delay_s=0.005, clock=clock)
+    first, second, late = request(), request(), request()
+    q.put(first)
+    clock.advance(0.002)  # the worker comes back from a pass 2 ms later
+    clock.at(T0 + 0.003, lambda: q.put(second))
+    clock.at(T0 + 0.006, lambda: q.put(late))  # past the oldest one's max_delay
+    assert q.take(expect_rows=4) == [first, second]
+    assert clock.t == pytest.approx(T0 + 0.005)
+    assert q.take() == [late]
+
+
+def test_a_steady_stream_from_other_threads_is_waited_for(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers)
+    clock.advance(GAP)
+    t = clock.t
+    first = put_from(callers[0], q)
+    later = []
+    # The three other callers each send one in the next three gaps; then the
+    # first caller again, whom the batch does not wait for (it has one queued).
+    for i, c in enumerate([*callers[1:], callers[0]], 1):
+        clock.at(t + i * GAP, lambda c=c: later.append(put_from(c, q)))
+    batch = q.take()
+    assert batch == [first, *later[:3]]
+    assert clock.t == pytest.approx(t + 3 * GAP)
 
 
 def test_a_lone_caller_never_waits_for_itself():
-    q = BatchQueue(capacity=100, max_rows=64, max_delay_s=0.5)
-    t = time.monotonic()
-    for _ in range(30):  # closed loop: put, take, put, take... at a high rate
-        q.put(request())
-        assert len(q.take()) == 1
-    assert time.monotonic() - t < 0.5  # waits of max_delay would take seconds
+    clock = FakeClock()
+    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.02, clock=clock)
+    for _ in range(40):  # a closed loop at a steady rate, all from this thread
+        clock.advance(GAP)
+        r = request()
+        q.put(r)
+        assert q.take() == [r]
+    clock.advance(GAP)
+    last = request()
+    q.put(last)
+    clock.at(clock.t + GAP, lambda: q.put(request()))  # it would come, but from itself
+    assert q.take() == [last]
+    assert clock.waits == []
 
 
-def test_after_a_stream_pauses_the_next_request_runs_at_once():
-    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=0.2)
-    stop = threading.Event()
-    callers = _steady_stream(q, 4, 0.02, stop)
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end:
-        q.take()
-    stop.set()
-    for c in callers:
-        c.join(5)
-    while len(q):
-        q.take()
-    time.sleep(0.3)  # quiet: longer than max_delay
-    q.put(request())
-    t = time.monotonic()
-    assert len(q.take()) == 1
-    assert time.monotonic() - t < 0.1
+def test_no_wait_for_a_request_that_came_after_a_pause(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers)
+    clock.advance(10 * GAP)  # a pause; the other callers still count as active
+    t = clock.t
+    first = put_from(callers[0], q)
+    for i, c in enumerate(callers[1:], 1):
+        clock.at(t + i * GAP, lambda c=c: put_from(c, q))
+    assert q.take() == [first]
+    assert clock.waits == [] and clock.t == t
 
 
-def _drain_until(q, deadline):
-    while time.monotonic() < deadline:
-        if len(q):
-            q.take()
-        else:
-            time.sleep(0.001)
+def test_no_wait_when_the_stream_went_quiet_before_the_take(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers)
+    clock.advance(GAP)
+    first = put_from(callers[0], q)  # on time: the stream was steady
+    clock.advance(3 * GAP)  # but nothing came while the worker ran its last pass
+    t = clock.t
+    for i, c in enumerate(callers[1:], 1):
+        clock.at(t + i * GAP, lambda c=c: put_from(c, q))
+    assert q.take() == [first]
+    assert clock.waits == [] and clock.t == t
 
 
-def test_a_request_soon_after_the_stream_stops_runs_at_once():
-    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=2.0)
-    stop = threading.Event()
-    callers = _steady_stream(q, 4, 0.04, stop)
-    _drain_until(q, time.monotonic() + 0.5)
-    stop.set()
-    for c in callers:
-        c.join(5)
-    time.sleep(0.04)  # a pause of four gaps: the other callers still count as active
-    q.put(request())
-    t = time.monotonic()
-    assert len(q.take()) >= 1
-    # No wait at all: not max_delay (2 s), nor the patience (~50 ms) a stream gets.
-    assert time.monotonic() - t < 0.03
+def test_no_wait_for_a_stream_when_a_pass_takes_longer_than_the_gap(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers)
+    for _ in range(8):
+        q.note_pass(4 * GAP)  # requests pile up during a pass by themselves
+    clock.advance(GAP)
+    t = clock.t
+    first = put_from(callers[0], q)
+    for i, c in enumerate(callers[1:], 1):
+        clock.at(t + i * GAP, lambda c=c: put_from(c, q))
+    assert q.take() == [first]
+    assert clock.waits == []
 
 
-def test_a_wait_for_a_stream_ends_soon_after_the_stream_stops():
-    q = BatchQueue(capacity=1000, max_rows=64, max_delay_s=2.0)
-    stop = threading.Event()
-    callers = _steady_stream(q, 4, 0.04, stop)
-    sizes = []
+def test_a_wait_for_a_stream_gives_up_three_gaps_after_its_last_request(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers, max_delay_s=0.02)
+    clock.advance(GAP)
+    t = clock.t
+    first = put_from(callers[0], q)
+    later = []
+    clock.at(t + GAP, lambda: later.append(put_from(callers[1], q)))
+    clock.at(t + 0.015, lambda: later.append(put_from(callers[2], q)))  # the stream stopped
+    assert q.take() == [first, *later]
+    assert len(later) == 1
+    # Three of the stream's gaps after the last arrival, long before max_delay.
+    assert t + GAP + 2.5 * GAP < clock.t < t + GAP + 4 * GAP
 
-    def worker():
-        while (batch := q.take()) is not None:
-            sizes.append(len(batch))
 
-    w = threading.Thread(target=worker, daemon=True)
-    w.start()
-    time.sleep(0.6)
-    stop.set()
-    for c in callers:
-        c.join(5)
-    time.sleep(0.5)
-    # Requests stay queued while the worker waits: none may still wait out max_delay (2 s).
-    assert len(q) == 0
-    assert max(sizes) > 1  # and it did batch the stream meanwhile
-    q.close()
-    w.join(5)
-    assert not w.is_alive()
+@pytest.mark.parametrize("end", ["wake", "close"])
+def test_wake_and_close_end_a_wait_for_rows_at_once(end):
+    clock = FakeClock()
+    q = BatchQueue(capacity=100, max_rows=64, max_delay_s=0.005, clock=clock)
+    first = request()
+    q.put(first)
+    clock.at(T0 + GAP, getattr(q, end))
+    assert q.take(expect_rows=4) == [first]
+    assert clock.t == pytest.approx(T0 + GAP)
+    if end == "close":
+        assert q.take() is None
+    else:
+        later = request()
+        q.put(later)
+        assert q.take() == [later]  # the wake was used up: no empty batch after it

@@ -71,3 +71,15 @@ def test_open_loop_latency_from_sending_leaves_out_a_client_threads_own_lateness
     summary = load.summary(0.0, 0.49)
     assert 20.9 < summary["p99_ms"] < 21.1  # response time, from the due time
     assert 0.9 < summary["p99_sent_ms"] < 1.1  # service time, from sending
+
+
+def test_open_loop_latency_from_sending_is_never_negative_when_an_answer_comes_after_stop():
+    from keras_tandem.bench import train_serve
+
+    load = train_serve._Load(lambda x: None, [None], threads=1, rate=100.0)  # every 10 ms
+    load._t0, load._stopped = 0.0, 0.2
+    # A slow (naive) client: its request due at 0 s was answered at 0.3 s, after the
+    # load stopped; it then saw the stop and sent none of the requests due since.
+    load.records[0] = [(0.0, 0.3, 1, 0.0)]
+    assert load._sent_waits(0.0, 0.095) == [0.3]
+    assert load.summary(0.0, 0.095)["p99_sent_ms"] == 300.0

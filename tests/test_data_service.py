@@ -127,3 +127,14 @@ def test_tandem_data_service_processes_survive_a_dispatcher_restart(tmp_path):
         np.testing.assert_array_equal(np.sort(_epoch(ds)), x)
     finally:
         _kill(procs)
+
+
+def test_a_worker_advertises_the_address_on_its_route_to_the_dispatcher():
+    from keras_tandem import cli
+    from keras_tandem.data.service import _reachable_host
+
+    # A local dispatcher: loopback. (Another machine's: this machine's address towards it.)
+    assert _reachable_host("grpc://127.0.0.1:5050") == "127.0.0.1"
+    assert _reachable_host("localhost:5050") in {"127.0.0.1", "[::1]"}
+    args = cli.build_parser().parse_args(["data-service", "worker", "--dispatcher", "h:5050"])
+    assert args.host is None  # derived from the dispatcher, not a fixed 127.0.0.1

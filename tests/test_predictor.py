@@ -2,7 +2,6 @@
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -11,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from _gated import GatedModel
+from _poll import wait_until
 from keras_tandem import (
     InvalidInputError,
     Overloaded,
@@ -57,8 +57,25 @@ def test_answers_equal_model_from_64_threads():
     for i, answers in enumerate(results):
         np.testing.assert_allclose(np.stack(answers), expected[i::64], rtol=1e-5, atol=1e-5)
     assert stats["requests"] == len(xs)
-    assert stats["batches"] <= stats["requests"]
+    assert stats["mean_batch_size"] * stats["batches"] == pytest.approx(len(xs))  # rows
     assert stats["errors"] == 0
+
+
+def test_requests_that_queue_during_a_pass_share_the_next_passes(gated):
+    model, gate = gated
+    with Predictor(model, max_batch_size=4, timeout_s=20) as p:
+        gate.clear()
+        first = p.submit(np.zeros(3, np.float32))
+        wait_until(lambda: p.stats()["queue_depth"] == 0, 20,
+                   "the worker never took the first request")
+        queued = [p.submit(np.full(3, i, np.float32)) for i in range(10)]
+        assert p.stats()["queue_depth"] == 10  # the worker is held in its pass
+        gate.set()
+        for f in [first, *queued]:
+            assert f.result(20).shape == (2,)
+    stats = p.stats()  # closed: the worker has recorded every batch
+    assert stats["requests"] == 11
+    assert stats["batches"] == 4  # the first alone, then 4 + 4 + 2 rows
 
 
 def test_single_example_and_batch_shapes_and_lists():
@@ -198,16 +215,15 @@ def test_overloaded_at_once_when_queue_full(gated):
     with Predictor(model, max_batch_size=1, queue_size=2, timeout_s=20) as p:
         gate.clear()
         first = p.submit(np.zeros(3))
-        deadline = time.monotonic() + 10
-        while p.stats()["queue_depth"] and time.monotonic() < deadline:
-            time.sleep(0.01)  # the worker takes the first request and blocks on it
+        # The worker takes the first request and blocks on it.
+        wait_until(lambda: p.stats()["queue_depth"] == 0, 20,
+                   "the worker never took the first request")
         queued = [p.submit(np.zeros(3)) for _ in range(2)]
-        t = time.monotonic()
+        # Raised, not waited for: the queue stays full as long as the gate is shut.
         with pytest.raises(Overloaded, match="queue_size"):
             p.submit(np.zeros(3))
         with pytest.raises(Overloaded):
             p.predict(np.zeros(3))
-        assert time.monotonic() - t < 5
         assert p.stats()["rejected"] == 2
         gate.set()
         for f in [first, *queued]:
@@ -232,7 +248,15 @@ def test_close_answers_every_queued_request(gated):
     futures = [p.submit(np.full(3, i, np.float32)) for i in range(50)]
     closer = threading.Thread(target=p.close)
     closer.start()
-    time.sleep(0.1)
+
+    def refused():
+        try:
+            futures.append(p.submit(np.zeros(3, np.float32)))  # accepted before close
+        except PredictorClosed:
+            return True
+        return False
+
+    wait_until(refused, 20, "close() never started refusing requests")
     with pytest.raises(PredictorClosed):
         p.predict(np.zeros(3))
     gate.set()
@@ -362,11 +386,14 @@ def test_update_weights_under_concurrent_callers_each_answer_matches_its_version
     x = np.random.default_rng(0).normal(size=(8,)).astype(np.float32)
     versions = {0: [w.copy() for w in model.get_weights()]}
     answers = []
+    seen = set()
     stop = threading.Event()
     with Predictor(model, max_batch_size=8) as p:
         def client():
             while not stop.is_set():
-                answers.append(p.predict(x, return_version=True))
+                answer = p.predict(x, return_version=True)
+                answers.append(answer)
+                seen.add(answer[1])
 
         threads = [threading.Thread(target=client) for _ in range(16)]
         for t in threads:
@@ -375,13 +402,14 @@ def test_update_weights_under_concurrent_callers_each_answer_matches_its_version
         for _ in range(15):
             new = [w + rng.normal(scale=0.5, size=w.shape).astype(np.float32)
                    for w in versions[0]]
-            versions[p.update_weights(new)] = new
-            time.sleep(0.01)
+            version = p.update_weights(new)
+            versions[version] = new
+            # Each version answers someone before the next one replaces it.
+            wait_until(lambda v=version: v in seen, 20, f"no answer from version {version}")
         stop.set()
         for t in threads:
-            t.join()
-    seen = {v for _, v in answers}
-    assert len(seen) > 3
+            t.join(20)
+    assert {v for _, v in answers} == set(versions)  # 0 to 15, each with answers
     check = mlp()
     expected = {}
     for v, weights in versions.items():
@@ -407,12 +435,11 @@ def test_submit_and_apredict():
 
 def test_lone_request_does_not_wait_out_max_delay():
     model = mlp()
-    with Predictor(model, max_delay_ms=2000) as p:
-        t = time.monotonic()
+    # max_delay is far beyond timeout_s: a request that waited it out would time out.
+    with Predictor(model, max_delay_ms=600_000, timeout_s=10) as p:
         for _ in range(3):
             p.predict(np.ones(8))
-        # Three sequential requests on an idle predictor: far below one max_delay.
-        assert time.monotonic() - t < 2.0
+        assert p.stats()["timeouts"] == 0
 
 
 def test_rejects_invalid_construction():
@@ -456,51 +483,3 @@ def test_model_with_control_flow():
         for x in (np.ones((2, 4)), -np.ones((2, 4))):
             np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-5)
 
-
-def test_a_direct_call_that_disagrees_at_warm_up_is_not_used(monkeypatch):
-    # The direct executor call is TensorFlow's private API: the Predictor
-    # checks it against the documented path at warm-up and keeps that one
-    # when they differ (or when the direct one cannot be made).
-    from keras_tandem.serving import _forward_tf as _forward
-
-    def wrong(fn, executor, via_call_op=True):
-        return lambda args: [tf.zeros_like(t) for t in fn._call_flat(args, [])]
-
-    model = mlp()
-    x = np.random.default_rng(0).random((3, 8)).astype("float32")
-    for replacement in (wrong, None):
-        if replacement is None:
-            def replacement(fn, executor, via_call_op=True):
-                raise AttributeError("no such private API")
-        monkeypatch.setattr(_forward, "_direct_caller", replacement)
-        with Predictor(model, max_batch_size=4) as p:
-            assert p._forward.call_path == "function"
-            np.testing.assert_allclose(p.predict(x), model.predict(x, verbose=0), rtol=1e-5,
-                                       atol=1e-6)
-
-
-def test_forward_pass_runs_through_a_call_op_and_falls_back_to_a_direct_call(monkeypatch):
-    # A function run through a PartitionedCall op runs on the worker thread
-    # (no hop to TensorFlow's inter-op pool); where that op path is refused,
-    # the plain direct call is checked and used instead.
-    from keras_tandem.serving import _forward_tf as _forward
-
-    model = mlp()
-    x = np.random.default_rng(0).random((5, 8)).astype("float32")
-    expected = model.predict(x, verbose=0)
-    with Predictor(model, max_batch_size=8) as p:
-        assert p._forward.call_path == "call op"
-        np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(p.predict(x[1]), expected[1], rtol=1e-5, atol=1e-6)
-
-    real = _forward._direct_caller
-
-    def no_call_op(fn, executor, via_call_op=True):
-        if via_call_op:
-            raise RuntimeError("PartitionedCall refused")
-        return real(fn, executor, via_call_op)
-
-    monkeypatch.setattr(_forward, "_direct_caller", no_call_op)
-    with Predictor(model, max_batch_size=8) as p:
-        assert p._forward.call_path == "direct"
-        np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)

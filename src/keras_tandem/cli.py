@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
+import re
 import sys
+import warnings
 
 # Scenario name -> module in keras_tandem.bench exposing add_arguments() and run().
 BENCHES = {
@@ -34,8 +37,89 @@ COMMANDS = {
 }
 
 
+# Commands whose own process never imports TensorFlow (`tandem worker` only starts
+# processes, and drops their start-up lines as it forwards their output).
+_WITHOUT_TENSORFLOW = {"worker"}
+# The prefix of an Abseil log line: severity, date, time, thread id.
+_ABSL_PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")
+_ABSL_BEFORE_INIT = b"WARNING: All log messages before absl::InitializeLog()"
+
+
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_tensorflow_once_logged() -> None:
+    """Imports TensorFlow with each of its start-up log lines printed once.
+
+    TensorFlow 2.21 logs its start-up lines (oneDNN, CUDA factories) before
+    Abseil logging is initialised, so `TF_CPP_MIN_LOG_LEVEL` does not apply to
+    them, and two of its shared libraries each carry a copy of the code that
+    logs them: every line comes twice. So during the import, file descriptor
+    2 goes through a pipe to a forked filter that drops repeats. A process,
+    not a thread: the import holds the GIL, and if it aborts (a CPU without
+    the instructions the build needs), the filter still prints why.
+    """
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return  # already imported, or not installed (another Keras backend)
+    if not hasattr(os, "fork"):
+        importlib.import_module("tensorflow")
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when forking with native threads alive (NumPy's
+        # BLAS pool): the child only copies bytes between two descriptors.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the filter: never returns
+        code = 1
+        try:
+            os.close(write_end)
+            _drop_repeated_lines(read_end, saved)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        importlib.import_module("tensorflow")
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the filter sees the end of its input, prints the rest and exits
+        os.close(saved)
+        os.waitpid(pid, 0)
+
+
+def _drop_repeated_lines(read_fd: int, out_fd: int) -> None:
+    """Copies `read_fd` to `out_fd` line by line, each Abseil log line only once.
+
+    Abseil's notice that logging is not initialised yet is dropped: it says
+    nothing to a user of `tandem`.
+    """
+    seen: set[bytes] = set()
+    pending = b""
+    while chunk := os.read(read_fd, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if line.startswith(_ABSL_BEFORE_INIT):
+                continue  # says only that the lines after it ignore TF_CPP_MIN_LOG_LEVEL
+            if _ABSL_PREFIX.match(line):
+                key = _ABSL_PREFIX.sub(b"", line)
+                if key in seen:
+                    continue
+                seen.add(key)
+            _write_all(out_fd, line + b"\n")
+    if pending:
+        _write_all(out_fd, pending)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _available(modules: dict[str, str]) -> dict[str, object]:
@@ -73,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs `tandem` with `argv` (default: the command line) and returns its exit code."""
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
+    if args.command not in _WITHOUT_TENSORFLOW:
+        _import_tensorflow_once_logged()
     return int(args.run(args) or 0)
 
 

@@ -7,8 +7,8 @@ small CNN is timed fed by: (a) a sequential `Dataset.map` (no parallel map,
 no prefetch), (b) `make_pipeline` as we recommend it: the preprocess
 vectorised (`vectorized=True`: one call per batch, so one `tf.py_function`
 call reads a batch's files), with `io_threads` for the I/O one, (b1) the
-same per example (a call per example: on a busy CPU each `tf.py_function`
-call costs ~250 us of CPU, which no parallelism hides), (b') as (b) with
+same per example (a call per example: each `tf.py_function` call has a
+fixed CPU cost, which on a busy CPU no parallelism hides), (b') as (b) with
 `cache=True, cache_preprocessed=True` (the preprocess then runs in the
 warm-up epoch only), and (c) the preprocessed batches held in memory
 (compute only). Then `probe_input` judges (b), and its verdict is checked

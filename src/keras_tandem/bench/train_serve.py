@@ -34,9 +34,9 @@ import numpy as np
 from keras_tandem.bench import _report
 
 _now = time.perf_counter
-# Requests may wait up to this long for others to share their forward pass:
-# at 1,000 requests/s about five share one, and training keeps the CPU the
-# other four passes would take (docs/design.md, "Training while serving").
+# Requests may wait up to this long for others to share their forward pass: at
+# the default rate several share one, and training keeps the CPU the other
+# passes would take (docs/design.md, "Training while serving").
 _DEFAULT_DELAY_MS = 5.0
 # Table column -> row field (the JSON keeps every field under its own name).
 COLUMNS = {
@@ -157,7 +157,10 @@ class _Load:
 
         A thread's request still unanswered when the load stopped was sent
         at its due time or at the thread's last answer, whichever is later,
-        and counts the time it had waited; later ones were never sent.
+        and counts the time it had waited; later ones were never sent. If
+        that moment falls after the load stopped (the thread's last answer
+        came late, during `stop()`), the thread saw the stop and sent
+        nothing more.
         """
         due_by_client: list[list[float]] = [[] for _ in self.records]
         for i, due in self._slots(t0, t1):
@@ -167,8 +170,8 @@ class _Load:
             waits.extend(at - sent for due, at, _, sent in mine if t0 <= due <= t1)
             last_due, last_at = (mine[-1][0], mine[-1][1]) if mine else (-math.inf, self._t0)
             pending = [due for due in dues if due > last_due]
-            if pending and pending[0] < self._stopped:
-                waits.append(self._stopped - max(pending[0], last_at))
+            if pending and (sent := max(pending[0], last_at)) < self._stopped:
+                waits.append(self._stopped - sent)
         return waits
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:

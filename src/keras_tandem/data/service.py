@@ -11,6 +11,7 @@ stopped. Sending a pipeline to the service is `make_pipeline(..., service=...)`'
 from __future__ import annotations
 
 import argparse
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,29 @@ from typing import Any
 def _address(target: str) -> str:
     """`host:port` from `grpc://host:port` or `host:port`."""
     return target.split("://", 1)[-1]
+
+
+def _reachable_host(dispatcher: str) -> str:
+    """This machine's address on the route to `dispatcher`.
+
+    The dispatcher hands a worker's address to every trainer, so the worker
+    must advertise one that other machines reach: the address of the
+    interface that routes to the dispatcher (127.0.0.1 for a local one)
+    serves trainers on the dispatcher's network. Connecting a UDP socket
+    sends nothing; it only asks the kernel for the route. Falls back to the
+    fully qualified host name when the dispatcher's host does not resolve.
+    """
+    host, _, port = _address(dispatcher).rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.connect(addr)
+            local = s.getsockname()[0]
+    except (OSError, ValueError):
+        return socket.getfqdn()
+    return f"[{local}]" if ":" in local else local
 
 
 def start_dispatcher(port: int = 0, work_dir: str | Path | None = None, *,
@@ -52,14 +76,16 @@ def start_dispatcher(port: int = 0, work_dir: str | Path | None = None, *,
     return tf.data.experimental.service.DispatchServer(config)
 
 
-def start_worker(dispatcher: str, port: int = 0, *, host: str = "127.0.0.1",
+def start_worker(dispatcher: str, port: int = 0, *, host: str | None = None,
                  worker_address: str | None = None) -> Any:
     """Starts a tf.data service worker in this process.
 
     Args:
         dispatcher: the dispatcher's address, `host:port` or `grpc://host:port`.
         port: the port to listen on; 0 picks a free one.
-        host: the host name the dispatcher and clients reach this worker at.
+        host: the host name or address the dispatcher and trainers reach
+            this worker at (default: this machine's address on the route to
+            the dispatcher; 127.0.0.1 for a dispatcher on this machine).
         worker_address: the full address template instead, e.g.
             `"10.0.0.7:%port%"` (lowercase `%port%` is replaced by the port).
 
@@ -72,7 +98,7 @@ def start_worker(dispatcher: str, port: int = 0, *, host: str = "127.0.0.1",
     """
     import tensorflow as tf
 
-    address = worker_address or f"{host}:%port%"
+    address = worker_address or f"{host or _reachable_host(dispatcher)}:%port%"
     if "%PORT%" in address:
         raise ValueError(f"worker_address {address!r}: write the placeholder in lowercase, "
                          "'%port%'; TensorFlow does not replace '%PORT%' and the worker hangs.")
@@ -92,8 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w = roles.add_parser("worker", help="a worker: runs the pipelines it is sent")
     w.add_argument("--dispatcher", required=True, help="the dispatcher's HOST:PORT")
     w.add_argument("--port", type=int, default=0, help="port to listen on (default: any free)")
-    w.add_argument("--host", default="127.0.0.1",
-                   help="the host name clients reach this worker at (default 127.0.0.1)")
+    w.add_argument("--host", default=None,
+                   help="the host name or address trainers reach this worker at (default: "
+                        "this machine's address on the route to the dispatcher, so "
+                        "127.0.0.1 only when the dispatcher is on this machine)")
     for p in (d, w):
         p.add_argument("--for", dest="for_s", type=float, default=None, metavar="S",
                        help="stop after S seconds (default: until interrupted)")
@@ -106,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         ft = f", fault-tolerant, journal in {args.work_dir}" if args.work_dir else ""
         print(f"tf.data service dispatcher at {server.target}{ft}", flush=True)
     else:
-        server = start_worker(args.dispatcher, args.port, host=args.host)
+        host = args.host or _reachable_host(args.dispatcher)
+        server = start_worker(args.dispatcher, args.port, host=host)
         port = args.port or "a free port"
-        print(f"tf.data service worker on {args.host}, {port}, for dispatcher "
+        print(f"tf.data service worker on {host}, {port}, for dispatcher "
               f"{args.dispatcher}", flush=True)
     deadline = None if args.for_s is None else time.monotonic() + args.for_s
     try:

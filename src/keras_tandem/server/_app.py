@@ -209,7 +209,8 @@ class ModelApp:
     def _too_large_message(self, length: int | None) -> str:
         got = f" ({length} bytes)" if length is not None else ""
         return (f"Request body too large{got}: the limit is {self.max_body_bytes} bytes. "
-                "Send fewer rows per request, or raise the server's max_body_bytes.")
+                "Send fewer rows per request, or raise the limit: `tandem serve "
+                "--max-body-mb MB`, or `serve(..., max_body_bytes=N)`.")
 
     # ----------------------------------------------------------- predict
 
@@ -249,9 +250,9 @@ class ModelApp:
         try:
             if len(body) > _OFFLOAD_BYTES:
                 x, fmt = await asyncio.get_running_loop().run_in_executor(
-                    None, _parse, body, servable.fields)
+                    None, _parse, body, servable.inputs)
             else:
-                x, fmt = _parse(body, servable.fields)
+                x, fmt = _parse(body, servable.inputs)
             servable, future = self._submit(servable, x)
             outputs, weight_version = await self._bridge.wait(
                 future, servable.predictor.timeout_s + _DEADLINE_MARGIN_S)
@@ -349,7 +350,7 @@ class ModelApp:
             self.metrics.observe("metadata", e.status, error_kind=e.kind)
             return e.response()
         self.metrics.observe("metadata", 200)
-        return _json(metadata_doc(self.served.name, version, servable.fields, servable.outputs))
+        return _json(metadata_doc(self.served.name, version, servable.inputs, servable.outputs))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         """`GET /metrics`: Prometheus text format."""

@@ -21,6 +21,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from keras_tandem.serving.specs import bucket_sizes
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -31,16 +33,12 @@ class BatchSizeHistogram:
     """A cumulative batch-size histogram fed from `stats()` snapshots.
 
     Args:
-        max_batch_size: the largest bucket bound (powers of two up to it).
+        max_batch_size: the Predictor's largest batch. The bucket bounds are
+            the batch sizes its forward pass runs at (`bucket_sizes`).
     """
 
     def __init__(self, max_batch_size: int):
-        bounds = []
-        b = 1
-        while b < max_batch_size:
-            bounds.append(b)
-            b *= 2
-        bounds.append(max(b, max_batch_size))
+        bounds = bucket_sizes(max_batch_size)
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.count = 0

@@ -18,9 +18,7 @@ import numpy as np
 import orjson
 
 from keras_tandem.errors import InvalidInputError
-
-# Which NumPy dtype kinds the Predictor casts into a model input of each kind.
-_CASTABLE_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b"}
+from keras_tandem.serving.specs import ArraySpec, castable
 
 ROW = "row"
 COLUMNAR = "columnar"
@@ -56,32 +54,32 @@ class OutputSpec:
     dtypes: tuple[np.dtype, ...]
 
     @classmethod
-    def from_example(cls, outputs: Any, names: Sequence[str] | None = None) -> OutputSpec:
-        """Describes the outputs of one example as the Predictor returned them.
+    def from_specs(cls, answer: Any, specs: Sequence[Any],
+                   names: Sequence[str] | None = None) -> OutputSpec:
+        """Describes a model's outputs.
 
         Args:
-            outputs: an array, a list/tuple of arrays, or a dict of arrays.
-            names: the model's output names, used for a single output or a list.
+            answer: the Predictor's answer for one example (an array, a
+                list/tuple or a dict of arrays): its structure is the one
+                responses are built from.
+            specs: `Predictor.outputs` (`name`, `shape`, `dtype` each), in
+                the order the model returns them.
+            names: names that replace the specs' for a single output or a
+                list (a dict's outputs keep their keys).
 
         Returns:
             The `OutputSpec`.
         """
-        if isinstance(outputs, Mapping):
-            keys = [str(k) for k in outputs]
-            arrays = [np.asarray(v) for v in outputs.values()]
-            return cls("dict", tuple(keys), tuple(a.shape for a in arrays),
-                       tuple(a.dtype for a in arrays))
-        if isinstance(outputs, (list, tuple)):
-            arrays = [np.asarray(v) for v in outputs]
-            structure = "list"
+        if isinstance(answer, Mapping):
+            structure = "dict"
         else:
-            arrays = [np.asarray(outputs)]
-            structure = "single"
-        given = list(names or [])
-        keys = [given[i] if i < len(given) and given[i] else f"output_{i}"
-                for i in range(len(arrays))]
-        return cls(structure, tuple(keys), tuple(a.shape for a in arrays),
-                   tuple(a.dtype for a in arrays))
+            structure = "list" if isinstance(answer, (list, tuple)) else "single"
+        keys = [s.name for s in specs]
+        if structure != "dict":
+            given = list(names or [])
+            keys = [given[i] if i < len(given) and given[i] else k for i, k in enumerate(keys)]
+        return cls(structure, tuple(keys), tuple(tuple(s.shape) for s in specs),
+                   tuple(np.dtype(s.dtype) for s in specs))
 
     def flatten(self, outputs: Any) -> list[Any]:
         """The outputs as a flat list in the order of `names`."""
@@ -108,13 +106,12 @@ def dumps(doc: Any) -> bytes:
 # ------------------------------------------------------------------ requests
 
 
-def parse_predict_body(body: bytes, fields: Sequence[Any]) -> tuple[Any, str]:
+def parse_predict_body(body: bytes, fields: Sequence[ArraySpec]) -> tuple[Any, str]:
     """Parses a `:predict` request body.
 
     Args:
         body: the raw JSON body.
-        fields: the model's input fields (`name`, `shape`, `dtype` each), in
-            the model's order.
+        fields: the model's inputs (`Predictor.inputs`), in the model's order.
 
     Returns:
         `(x, format)`: the input to hand to `Predictor.submit` (an array, or a
@@ -165,15 +162,15 @@ def _as_array(value: Any, what: str) -> np.ndarray:
         ) from None
 
 
-def _cast(arr: np.ndarray, field: Any) -> np.ndarray:
+def _cast(arr: np.ndarray, field: ArraySpec) -> np.ndarray:
     # Casts only what the Predictor would cast itself (ints and bools into
     # floats, ...), so it takes its fast path; anything else it checks and names.
-    if arr.dtype != field.dtype and arr.dtype.kind in _CASTABLE_KINDS.get(field.dtype.kind, ""):
+    if arr.dtype != field.dtype and castable(arr.dtype, field.dtype):
         return arr.astype(field.dtype)
     return arr
 
 
-def _check_rows(arr: np.ndarray, rows: int, field: Any) -> None:
+def _check_rows(arr: np.ndarray, rows: int, field: ArraySpec) -> None:
     if arr.ndim != len(field.shape) + 1 or arr.shape[0] != rows:
         per_example = "a scalar" if arr.ndim == 1 else f"shape {arr.shape[1:]}"
         raise InvalidInputError(
@@ -183,7 +180,7 @@ def _check_rows(arr: np.ndarray, rows: int, field: Any) -> None:
         )
 
 
-def _rows_to_input(instances: Any, fields: Sequence[Any]) -> Any:
+def _rows_to_input(instances: Any, fields: Sequence[ArraySpec]) -> Any:
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError(
             '"instances" must be a non-empty JSON list with one entry per example; got '
@@ -221,7 +218,7 @@ def _rows_to_input(instances: Any, fields: Sequence[Any]) -> Any:
     return columns
 
 
-def _columns_to_input(inputs: Any, fields: Sequence[Any]) -> Any:
+def _columns_to_input(inputs: Any, fields: Sequence[ArraySpec]) -> Any:
     if inputs is None:
         raise InvalidInputError('"inputs" is null: expected the input tensor(s).')
     if isinstance(inputs, dict):  # unknown or missing names: the Predictor names them
@@ -263,19 +260,19 @@ def version_status(version: int | str, state: str, error_code: str = "OK",
 
 
 def _tensor_info(name: str, shape: Sequence[int], dtype: Any) -> dict[str, Any]:
-    dims = [{"size": "-1", "name": ""}] + [{"size": str(d), "name": ""} for d in shape]
+    dims = [{"size": "-1" if d is None else str(d), "name": ""} for d in (None, *shape)]
     return {"dtype": tf_dtype_name(dtype), "tensor_shape": {"dim": dims, "unknown_rank": False},
             "name": name}
 
 
-def metadata_doc(name: str, version: int | str, fields: Sequence[Any],
+def metadata_doc(name: str, version: int | str, fields: Sequence[ArraySpec],
                  outputs: OutputSpec) -> dict[str, Any]:
     """TF Serving's `GET /v1/models/{name}/metadata` document.
 
     Args:
         name: the served model's name.
         version: the version now served.
-        fields: the model's input fields (`name`, `shape`, `dtype`).
+        fields: the model's inputs (`Predictor.inputs`).
         outputs: the model's `OutputSpec`.
 
     Returns:

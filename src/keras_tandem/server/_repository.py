@@ -42,27 +42,18 @@ def probe_outputs(predictor: Predictor, names: list[str] | None = None) -> Outpu
     """Runs one all-zeros example through `predictor` and describes its outputs.
 
     This doubles as the warm-up of a new Predictor: it proves the forward
-    pass runs before any client is sent to it.
+    pass runs, end to end, before any client is sent to it.
 
     Args:
         predictor: the Predictor to probe.
-        names: the model's output names, if known.
+        names: names for a single output or a list of outputs (default:
+            the names in `predictor.outputs`).
 
     Returns:
         The `OutputSpec` of one example's outputs.
     """
-    fields = predictor._signature.fields
-    example = {f.name: np.zeros(f.shape, f.dtype) for f in fields}
-    return OutputSpec.from_example(predictor.predict(example), names)
-
-
-def output_names(model: Any) -> list[str] | None:
-    """The Keras model's output names, when it has them."""
-    try:
-        names = list(model.output_names)
-    except (AttributeError, ValueError, TypeError):
-        return None
-    return [str(n) for n in names] or None
+    example = {f.name: np.zeros(f.shape, f.dtype) for f in predictor.inputs}
+    return OutputSpec.from_specs(predictor.predict(example), predictor.outputs, names)
 
 
 def architecture_of(model: Any) -> str:
@@ -91,7 +82,7 @@ class Servable:
     def __init__(self, predictor: Predictor, outputs: OutputSpec, version: int | None,
                  owned: bool, architecture: str | None = None):
         self.predictor = predictor
-        self.fields = predictor._signature.fields
+        self.inputs = predictor.inputs
         self.outputs = outputs
         self.owned = owned
         self.architecture = architecture
@@ -251,7 +242,7 @@ def servable_from_model(model: Any, version: int,
     """
     predictor = Predictor(model, **predictor_options)
     try:
-        outputs = probe_outputs(predictor, output_names(model))
+        outputs = probe_outputs(predictor)
     except BaseException:
         predictor.close()
         raise

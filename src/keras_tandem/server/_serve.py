@@ -183,16 +183,16 @@ def serve(
         predictor_options: keyword arguments for the Predictors the server
             creates (`max_batch_size`, `max_delay_ms`, `queue_size`, ...).
         output_names: names for the outputs of a Predictor passed in
-            (default: the model's names when the server loads it, else
-            `output_0`, ...).
+            (default: the names in `Predictor.outputs`: the model's output
+            names where it has them, else `output_0`, ...).
         retry_after_s: the `Retry-After` header sent with 503.
         shutdown_timeout_s: how long `stop()` lets in-flight requests finish.
         freeze_gc: call `gc.freeze()` once the model is loaded (and again
             after a new architecture loads), so that Python's full garbage
             collections skip the millions of long-lived TensorFlow and Keras
-            objects. Without it, each full collection stalls every request
-            for about 200 ms (p99 at 64 connections went from ~170 ms to
-            ~60 ms on 2 cores). Process-wide; objects created later are
+            objects. Without it, each full collection walks that whole heap
+            while every request waits, which shows in the tail latency
+            (docs/measurements.md). Process-wide; objects created later are
             collected as usual.
 
     Returns:

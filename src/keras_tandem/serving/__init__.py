@@ -4,11 +4,14 @@ Owns the `Predictor` (`predictor.py`), the request queue and its batching
 rules (`_batching.py`), the model's input signature and request validation
 (`_signature.py`), the counters behind `Predictor.stats()` (`_stats.py`) and
 the forward pass (`_forward.py`: the backend-neutral interface the worker
-uses; `_forward_tf.py`: TensorFlow's implementation).
+uses; `_forward_tf.py`: TensorFlow's implementation; `_tf_private.py`: every
+private TensorFlow call, checked at warm-up). `specs.py` names what other
+packages may use (`ArraySpec`, `castable`, `bucket_sizes`).
 
 Must not import: `training`, `data`, `cluster`, `server`, `bench`. Only the
-`_forward_*` modules may import a backend (TensorFlow), and only on the
-worker thread's behalf: the rest of this package is pure Python and NumPy.
+`_forward_*` modules and `_tf_private.py` may import a backend (TensorFlow),
+and only on the worker thread's behalf: the rest of this package is pure
+Python and NumPy.
 """
 
 from keras_tandem.serving.predictor import Predictor

@@ -4,9 +4,11 @@
 answer (a bare lock for `predict`, a `concurrent.futures.Future` for
 `submit`), its deadline, and once done its result or error and the weight
 version that produced it. `BatchQueue` is a bounded FIFO that the worker
-drains in batches of at most `max_rows` rows. Pure Python: no TensorFlow here,
-so the hot path of every request is a handful of attribute writes, one lock
-hold and one wake-up.
+drains in batches of at most `max_rows` rows. `Clock` is where the queue
+reads the time and waits: the real one is `time.perf_counter` and
+`Condition.wait` themselves, and tests pass a fake one to run the wait rules
+in virtual time. Pure Python: no TensorFlow here, so the hot path of every
+request is a handful of attribute writes, one lock hold and one wake-up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 from keras_tandem.errors import Overloaded, PredictorClosed
 
-_now = time.perf_counter
 _get_ident = threading.get_ident
 # A caller thread counts as active (likely to send again soon) this long after its last request.
 _ACTIVE_S = 0.1
@@ -87,6 +88,19 @@ class Request:
             self.future.set_exception(error)
 
 
+class Clock:
+    """The time source and the waits of a `BatchQueue`.
+
+    Both are the library functions themselves (no wrapper on the hot path).
+    A test replaces them with a fake whose `now()` reads virtual time and
+    whose `wait(condition, timeout)` advances it, so the wait rules run
+    without depending on how fast the machine is.
+    """
+
+    now = staticmethod(time.perf_counter)
+    wait = staticmethod(threading.Condition.wait)  # (condition, timeout) -> bool
+
+
 class BatchQueue:
     """A bounded FIFO of requests, drained by one worker in batches.
 
@@ -99,9 +113,16 @@ class BatchQueue:
             the requests the measured arrival rate says will come in time. A
             request from a lone caller, or one arriving after a quiet spell,
             never waits for it.
+        clock: where the queue reads the time (`clock.now()`, seconds) and
+            waits on its condition (`clock.wait(condition, timeout)`); the
+            real `Clock` by default.
     """
 
-    def __init__(self, capacity: int, max_rows: int, max_delay_s: float):
+    def __init__(self, capacity: int, max_rows: int, max_delay_s: float,
+                 clock: Clock | None = None):
+        clock = Clock() if clock is None else clock
+        self._now = clock.now
+        self._wait = clock.wait
         self.capacity = capacity
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
@@ -114,7 +135,7 @@ class BatchQueue:
         self._rows = 0  # rows queued in all
         self._want_rows = 1  # a put wakes the waiting worker once this many rows are queued
         self._callers: dict[int, float] = {}  # caller thread -> time of its last request
-        self._last_put = _now()
+        self._last_put = self._now()
         self._gap = 1.0  # moving average of the time between requests, seconds
         self._steady = False  # the newest request came about when the stream said it would
         self.pass_s = 0.0  # moving average of a forward pass, kept by the worker
@@ -125,7 +146,8 @@ class BatchQueue:
 
     def put(self, request: Request) -> None:
         """Queues one request, or raises `Overloaded` / `PredictorClosed` at once."""
-        request.enqueued = now = _now()
+        read_clock = self._now  # called as a local: `self._now()` is a slower lookup
+        request.enqueued = now = read_clock()
         caller = _get_ident()
         with self._lock:
             if self._closed:
@@ -150,7 +172,8 @@ class BatchQueue:
 
     def put_all(self, requests: list[Request]) -> None:
         """Queues the chunks of one split request together, all or none."""
-        now = _now()
+        read_clock = self._now
+        now = read_clock()
         for r in requests:
             r.enqueued = now
         with self._lock:
@@ -204,7 +227,7 @@ class BatchQueue:
                     self._wake_requested = False
                     return []
                 self._worker_waiting = True
-                self._ready.wait()
+                self._wait(self._ready, None)
                 self._worker_waiting = False
             if self.max_delay_s > 0 and not self._closed:
                 expected = expect_rows if expect_rows > 1 else 0
@@ -236,7 +259,8 @@ class BatchQueue:
         three times the usual), or when the next request is not due before
         the oldest one's deadline.
         """
-        now = _now()
+        read_clock = self._now
+        now = read_clock()
         remaining = items[0].enqueued + self.max_delay_s - now
         gap = self._gap
         if (remaining <= gap or gap <= self.pass_s or not self._steady
@@ -263,14 +287,14 @@ class BatchQueue:
         self._want_rows = rows
         try:
             while self._rows < rows:
-                now = _now()
+                now = self._now()
                 remaining = deadline - now
                 if patience is not None:
                     remaining = min(remaining, self._last_put + patience - now)
                 if remaining <= 0 or self._closed or self._wake_requested:
                     return
                 self._worker_waiting = True
-                self._ready.wait(remaining)
+                self._wait(self._ready, remaining)
                 self._worker_waiting = False
         finally:
             self._worker_waiting = False

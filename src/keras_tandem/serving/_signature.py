@@ -1,10 +1,16 @@
 """What a model takes as input, and checking a request against it.
 
-`InputSignature` owns the model's inputs: their names, per-example shapes and
-dtypes, and the structure (one tensor, a list or a dict) the model is called
-with. `InputSignature.parse` turns one request (an array, nested lists, a list
-or dict of those) into flat arrays of the right dtype, or raises
-`InvalidInputError` in the caller's thread. Pure NumPy: no TensorFlow here.
+Separation of concerns:
+- `ArraySpec` describes one tensor a model takes or returns: name,
+  per-example shape, NumPy dtype (`Predictor.inputs` and `Predictor.outputs`).
+- `castable` is the one table of which dtypes a model input accepts by casting
+  (the server's JSON parsing asks it too).
+- `InputSignature` owns the model's inputs and the structure (one tensor, a
+  list or a dict) the model is called with; `InputSignature.parse` turns one
+  request (an array, nested lists, a list or dict of those) into flat arrays
+  of the right dtype, or raises `InvalidInputError` in the caller's thread.
+
+Pure NumPy: no TensorFlow here.
 """
 
 from __future__ import annotations
@@ -20,15 +26,40 @@ from keras_tandem.errors import InvalidInputError
 # Which NumPy dtype kinds can be cast sensibly into a model input of each kind,
 # the way Keras accepts them: integers and booleans into floats, booleans into
 # integers. Strings, objects, complex numbers and floats into integers are not.
+# Kinds not listed take only their own kind.
 _CASTABLE_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b"}
 
 
+def castable(source: Any, target: Any) -> bool:
+    """Whether values of dtype `source` may be cast into a model input of dtype `target`.
+
+    Args:
+        source: the dtype of the values given (anything `np.dtype` takes).
+        target: the model input's dtype.
+
+    Returns:
+        True for the same kind, integers and booleans into floats, booleans
+        into integers; False for floats into integers, strings, objects,
+        complex numbers and the like.
+    """
+    kind = np.dtype(target).kind
+    return np.dtype(source).kind in _CASTABLE_KINDS.get(kind, kind)
+
+
 @dataclass(frozen=True)
-class InputField:
-    """One model input: its name, per-example shape and dtype."""
+class ArraySpec:
+    """One tensor a model takes or returns, as NumPy sees one example of it.
+
+    Args:
+        name: the input's name (or the output's: a dict key, the model's
+            output name, or `output_0`, `output_1`, ...).
+        shape: the shape of one example, without the batch axis (`None`
+            where an output's size is known only at run time).
+        dtype: the NumPy dtype.
+    """
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     dtype: np.dtype
 
     def describe(self) -> str:
@@ -37,7 +68,8 @@ class InputField:
         return f"one example of shape {self.shape} or a batch of shape {batch}, {self.dtype}"
 
 
-def _to_numpy_dtype(dtype: Any) -> np.dtype:
+def to_numpy_dtype(dtype: Any) -> np.dtype:
+    """The NumPy dtype of a Keras, TensorFlow or NumPy dtype (or its name)."""
     name = getattr(dtype, "name", dtype)
     try:
         return np.dtype(name)
@@ -47,7 +79,7 @@ def _to_numpy_dtype(dtype: Any) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, str(name)))
 
 
-def _field(name: str, shape: Sequence[Any], dtype: Any) -> InputField:
+def _field(name: str, shape: Sequence[Any], dtype: Any) -> ArraySpec:
     per_example = tuple(shape)[1:]
     if any(d is None for d in per_example):
         raise ValueError(
@@ -55,18 +87,18 @@ def _field(name: str, shape: Sequence[Any], dtype: Any) -> InputField:
             "so every dimension but the batch one must be known. Build the model with a fixed "
             "input shape, or pass `input_signature=keras.Input(shape=...)`."
         )
-    return InputField(name, tuple(int(d) for d in per_example), _to_numpy_dtype(dtype))
+    return ArraySpec(name, tuple(int(d) for d in per_example), to_numpy_dtype(dtype))
 
 
 class InputSignature:
     """The inputs of a model and the structure it is called with.
 
     Args:
-        fields: one `InputField` per model input, in the model's order.
+        fields: one `ArraySpec` per model input, in the model's order.
         structure: `"single"`, `"list"` or `"dict"`: how the model takes them.
     """
 
-    def __init__(self, fields: Sequence[InputField], structure: str):
+    def __init__(self, fields: Sequence[ArraySpec], structure: str):
         if structure == "single" and len(fields) != 1:
             raise ValueError("a single-input signature needs exactly one field")
         self.fields = tuple(fields)
@@ -204,7 +236,7 @@ class InputSignature:
         return list(x)
 
     @staticmethod
-    def _parse_field(field: InputField, value: Any) -> tuple[np.ndarray, int, bool]:
+    def _parse_field(field: ArraySpec, value: Any) -> tuple[np.ndarray, int, bool]:
         if value is None:
             raise InvalidInputError(
                 f"Input '{field.name}' is None: expected {field.describe()}."
@@ -216,8 +248,8 @@ class InputSignature:
                 f"Input '{field.name}' is not a rectangular array (ragged nested lists?): "
                 f"expected {field.describe()}. NumPy said: {e}"
             ) from None
-        kind = arr.dtype.kind
-        if kind not in _CASTABLE_KINDS.get(field.dtype.kind, field.dtype.kind):
+        if not castable(arr.dtype, field.dtype):
+            kind = arr.dtype.kind
             what = {"U": "strings", "S": "bytes", "O": "Python objects (ragged lists or None?)",
                     "c": "complex numbers", "V": "raw records", "M": "datetimes",
                     "m": "timedeltas"}.get(kind, f"{arr.dtype} values")

@@ -5,9 +5,12 @@ Separation of concerns:
   caller's thread, queues it, waits for the answer with a deadline, and owns
   the worker thread and its lifecycle (`close`, context manager).
 - `_batching.BatchQueue` holds queued requests and hands the worker batches.
-- `_forward.CompiledForward` owns TensorFlow: the traced forward pass, the
-  serving copy of the weights (one version per batch) and the batch buffers.
-- `_signature.InputSignature` knows the model's inputs and validates requests.
+- `_forward.ForwardPass` is the forward pass as the worker uses it, whatever
+  the backend (`_forward.make_forward` picks it; `_forward_tf` is
+  TensorFlow's): the traced model, the serving copy of the weights (one
+  version per batch), the batch buffers and buckets.
+- `_signature.InputSignature` knows the model's inputs and validates requests;
+  `_signature.ArraySpec` describes one input or output (`inputs`, `outputs`).
 - `_stats.ServingStats` counts what `stats()` reports.
 """
 
@@ -26,7 +29,8 @@ import numpy as np
 
 from keras_tandem.errors import PredictionFailed, PredictorClosed
 from keras_tandem.serving._batching import BatchQueue, Request
-from keras_tandem.serving._signature import InputSignature
+from keras_tandem.serving._forward import ForwardPass, make_forward
+from keras_tandem.serving._signature import ArraySpec, InputSignature
 from keras_tandem.serving._stats import ServingStats
 
 _now = time.perf_counter
@@ -111,7 +115,7 @@ class Predictor:
         self._swap_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._closed = False
-        self._forward = None
+        self._forward: ForwardPass | None = None
         started: Future = Future()
         self._worker = threading.Thread(
             target=self._serve, args=(model, jit_compile, started),
@@ -134,6 +138,24 @@ class Predictor:
     def version(self) -> int:
         """The weight version now served: 0 at start, +1 per `update_weights`."""
         return self._version
+
+    @property
+    def inputs(self) -> tuple[ArraySpec, ...]:
+        """The model's inputs, in its order: `name`, per-example `shape`, NumPy `dtype` each.
+
+        A request gives one array per input (or a dict keyed by `name`), of
+        `shape` for one example or `(n, *shape)` for a batch.
+        """
+        return self._signature.fields
+
+    @property
+    def outputs(self) -> tuple[ArraySpec, ...]:
+        """The model's outputs, in the order it returns them: `name`, per-example `shape`, `dtype`.
+
+        Names are a dict output's keys; for one output or a list, the model's
+        output names where it has them, else `output_0`, `output_1`, ...
+        """
+        return self._forward.output_specs
 
     def predict(self, x: Any, *, return_version: bool = False) -> Any:
         """Predicts for one example or a batch; blocks until the answer is ready.
@@ -261,15 +283,22 @@ class Predictor:
             (rows per batch), `p50_latency_ms` and `p99_latency_ms` (queueing
             and forward pass, over recent requests), `queue_depth`,
             `rejected` (`Overloaded`), `errors` (failed requests of any
-            kind), `invalid_inputs`, `timeouts`, `version` and `traces`
-            (forward-pass traces since start; constant after warm-up).
+            kind), `invalid_inputs`, `timeouts`, `version`, `traces`
+            (forward-pass traces since start; constant after warm-up),
+            `call_path` (how each pass reaches the backend, chosen at
+            warm-up: on TensorFlow "call op", else "direct", "call flat" or
+            "function" when a faster way was refused) and `executor`
+            ("inline" or "default").
         """
         s = self._stats.snapshot()
         s["queue_depth"] = len(self._queue)
         s["rejected"] = self._queue.rejected
         s["errors"] = self._stats.errors + self._stats.invalid + self._stats.timeouts
         s["version"] = self._version
-        s["traces"] = self._forward.traces if self._forward else 0
+        forward = self._forward
+        s["traces"] = forward.traces if forward else 0
+        s["call_path"] = forward.call_path if forward else None
+        s["executor"] = forward.executor if forward else None
         return s
 
     def close(self, timeout_s: float | None = None) -> None:
@@ -362,16 +391,14 @@ class Predictor:
     # ------------------------------------------------------------ the worker
 
     def _serve(self, model: Any, jit_compile: bool, started: Future) -> None:
-        from keras_tandem.serving._forward_tf import CompiledForward
-
         try:
-            self._forward = CompiledForward(model, self._signature, self.max_batch_size,
-                                            jit_compile)
+            self._forward = make_forward(model, self._signature, self.max_batch_size,
+                                         jit_compile)
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             started.set_exception(e)
             return
         started.set_result(None)
-        with self._forward.executor_scope():
+        with self._forward.worker_scope():
             self._serve_batches()
 
     def _serve_batches(self) -> None:

@@ -1,0 +1,285 @@
+"""The forward pass: the backend seam, the buckets, and the checked use of TensorFlow's private API.
+
+Each private TensorFlow call the fast paths use is broken here in turn (it
+raises, disappears, changes its signature or gives wrong answers), as a
+TensorFlow release might break it. The Predictor must still build, answer
+like `model.predict`, report the slower path in `stats()` and warn once.
+"""
+
+import logging
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_tandem import Predictor
+from keras_tandem.server._metrics import BatchSizeHistogram, ServerMetrics
+from keras_tandem.serving import _forward, _tf_private
+from keras_tandem.serving._forward_tf import TensorFlowForward
+from keras_tandem.serving.specs import bucket_sizes
+
+
+def mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(4),
+    ])
+
+
+@pytest.fixture
+def model():
+    return mlp()
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    # Fallback warnings are once per process: each test starts from none given.
+    monkeypatch.setattr(_tf_private, "_WARNED", set())
+
+
+def fallback_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning)
+            and "keras_tandem" in str(w.message)]
+
+
+def serve_and_check(model, **options):
+    """Builds a Predictor, checks its answers against model.predict; returns its stats."""
+    x = np.random.default_rng(0).random((5, 8)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    with Predictor(model, max_batch_size=8, **options) as p:
+        np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict(x[1]), expected[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict(np.concatenate([x, x])),
+                                   np.concatenate([expected, expected]), rtol=1e-5, atol=1e-6)
+        return p.stats()
+
+
+# --------------------------------------------------------------- the fast path
+
+
+def test_normal_path_is_a_call_op_on_the_inline_executor_and_logs_info_once(model, caplog):
+    caplog.set_level(logging.INFO, logger="keras_tandem.serving")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+    assert stats["call_path"] == "call op"  # TensorFlow 2.21: the fastest way works
+    assert stats["executor"] == "inline"
+    assert fallback_warnings(record) == []
+    infos = [r for r in caplog.records
+             if r.name == "keras_tandem.serving" and r.levelno == logging.INFO]
+    assert len(infos) == 1
+    assert "'call op'" in infos[0].getMessage() and "inline" in infos[0].getMessage()
+
+
+def test_xla_compiled_pass_calls_directly_without_a_warning(model):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model, jit_compile=True)
+    # By design, not a fallback: XLA's function runs on the calling thread already.
+    assert (stats["call_path"], stats["executor"]) == ("direct", "default")
+    assert fallback_warnings(record) == []
+
+
+# ------------------------------------------------------- each private call broken
+
+
+def execute_raises(monkeypatch):
+    def broken():
+        def execute(*args):
+            raise RuntimeError("TFE_Py_Execute moved")
+        return execute
+    monkeypatch.setattr(_tf_private, "_tfe_py_execute", broken)
+
+
+def execute_answers_wrong(monkeypatch):
+    real = _tf_private._tfe_py_execute()
+
+    def wrong():
+        def execute(*args):
+            return [tf.zeros_like(t) for t in real(*args)]
+        return execute
+    monkeypatch.setattr(_tf_private, "_tfe_py_execute", wrong)
+
+
+def call_op_refused(monkeypatch):
+    monkeypatch.setattr(_tf_private, "_PARTITIONED_CALL", "KerasTandemNoSuchOp")
+
+
+def inference_function_missing(monkeypatch):
+    def missing(fn):
+        raise AttributeError("'ConcreteFunction' object has no attribute '_inference_function'")
+    monkeypatch.setattr(_tf_private, "_inference_function", missing)
+
+
+def inline_executor_refused(monkeypatch):
+    monkeypatch.setattr(_tf_private, "_INLINE_EXECUTOR", "KERAS_TANDEM_NO_SUCH_EXECUTOR")
+
+
+def call_flat_missing(monkeypatch):
+    execute_raises(monkeypatch)  # so that the ways above it are refused too
+
+    def missing(fn):
+        raise AttributeError("'ConcreteFunction' object has no attribute '_call_flat'")
+    monkeypatch.setattr(_tf_private, "_call_flat", missing)
+
+
+def call_flat_raises(monkeypatch):
+    execute_raises(monkeypatch)
+
+    def raising(fn):
+        def call_flat(args, captured):
+            raise RuntimeError("_call_flat failed")
+        return call_flat
+    monkeypatch.setattr(_tf_private, "_call_flat", raising)
+
+
+def call_flat_signature_changed(monkeypatch):
+    # As a TensorFlow release might change it: `captured_inputs` keyword-only.
+    execute_raises(monkeypatch)
+    real = _tf_private._call_flat
+
+    def changed(fn):
+        bound = real(fn)
+
+        def call_flat(tensor_inputs, *, captured_inputs):
+            return bound(tensor_inputs, captured_inputs)
+        return call_flat
+    monkeypatch.setattr(_tf_private, "_call_flat", changed)
+
+
+@pytest.mark.parametrize("breakage, path, executor, refused", [
+    (execute_raises, "call flat", "inline", ["call op: RuntimeError", "direct: RuntimeError"]),
+    (execute_answers_wrong, "call flat", "inline", ["call op: output 0 differs"]),
+    (call_op_refused, "direct", "inline", ["call op: NotFoundError"]),
+    (inference_function_missing, "call flat", "inline", ["call op: AttributeError"]),
+    (inline_executor_refused, "call op", "default", ["inline executor: NotFoundError"]),
+    (call_flat_missing, "function", "inline", ["call flat: AttributeError"]),
+    (call_flat_raises, "function", "inline", ["call flat: RuntimeError"]),
+    (call_flat_signature_changed, "function", "inline", ["call flat: TypeError"]),
+])
+def test_a_broken_private_call_falls_back_answers_right_and_warns_once(
+        model, monkeypatch, caplog, breakage, path, executor, refused):
+    breakage(monkeypatch)
+    caplog.set_level(logging.INFO, logger="keras_tandem.serving")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+        again = serve_and_check(model)  # a second Predictor: no second warning
+    assert (stats["call_path"], stats["executor"]) == (path, executor)
+    assert (again["call_path"], again["executor"]) == (path, executor)
+    (warning,) = fallback_warnings(record)
+    message = str(warning.message)
+    assert f"falls back to '{path}'" in message
+    for reason in refused:
+        assert reason in message
+    infos = [r.getMessage() for r in caplog.records
+             if r.name == "keras_tandem.serving" and r.levelno == logging.INFO]
+    assert len(infos) == 2 and all(f"'{path}'" in m for m in infos)
+
+
+def test_a_private_call_off_the_chosen_path_is_never_made(model, monkeypatch):
+    # `_call_flat` is only the third way: while the call op works it is not
+    # needed, and its breakage costs nothing.
+    def missing(fn):
+        raise AttributeError("no _call_flat")
+    monkeypatch.setattr(_tf_private, "_call_flat", missing)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+    assert stats["call_path"] == "call op"
+    assert fallback_warnings(record) == []
+
+
+def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatch):
+    class Branchy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x):
+            y = self.dense(x)
+            return tf.cond(tf.reduce_sum(x) > 0, lambda: y * 2.0, lambda: y - 1.0)
+
+    model = Branchy()
+    model(np.zeros((1, 8), np.float32))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model, input_signature=keras.Input((8,)))
+    assert (stats["call_path"], stats["executor"]) == ("call op", "default")
+    (warning,) = fallback_warnings(record)
+    assert "inline executor" in str(warning.message)
+
+
+# ------------------------------------------------------------ the backend seam
+
+
+def test_tensorflow_backend_implements_the_forward_pass_interface(model):
+    with Predictor(model, max_batch_size=4) as p:
+        assert isinstance(p._forward, TensorFlowForward)
+        assert isinstance(p._forward, _forward.ForwardPass)
+
+
+def test_another_backend_is_refused_by_name(model, monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(NotImplementedError, match="'jax' backend"):
+        Predictor(model, max_batch_size=4)
+
+
+def test_no_numpy_deprecation_warnings_from_the_weight_snapshot(model):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with Predictor(model, max_batch_size=4) as p:
+            p.update_weights(model)
+            p.predict(np.ones(8, np.float32))
+    ours = [w for w in record if issubclass(w.category, DeprecationWarning)
+            and "keras_tandem" in w.filename]
+    assert ours == []
+
+
+# ------------------------------------------------------------------- buckets
+
+
+@pytest.mark.parametrize("max_batch_size, buckets", [
+    (1, [1]),
+    (2, [1, 2]),
+    (8, [1, 2, 4, 8]),
+    (6, [1, 2, 4, 6]),
+    (100, [1, 2, 4, 8, 16, 32, 64, 100]),
+])
+def test_bucket_sizes_end_at_max_batch_size(max_batch_size, buckets):
+    assert bucket_sizes(max_batch_size) == buckets
+
+
+def test_bucket_sizes_refuse_an_empty_batch():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        bucket_sizes(0)
+
+
+def test_forward_pass_pads_each_batch_to_its_bucket(model):
+    with Predictor(model, max_batch_size=6) as p:
+        forward = p._forward
+        assert forward.buckets == [1, 2, 4, 6]
+        assert [forward.bucket_of[n] for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+
+
+class _StatsSource:
+    def __init__(self, batches, mean_batch_size):
+        self.s = {"batches": batches, "mean_batch_size": mean_batch_size}
+
+    def stats(self):
+        return self.s
+
+
+def test_server_batch_size_histogram_uses_the_forward_pass_buckets():
+    assert BatchSizeHistogram(100).bounds == bucket_sizes(100)
+    # A full batch of 100 rows falls in the 100 bucket, not one of 128.
+    source = _StatsSource(batches=3, mean_batch_size=100.0)
+    metrics = ServerMetrics("m", 100, current=lambda: (source, 1), load_failures=lambda: 0)
+    text = metrics.render().decode()
+    assert 'keras_tandem_batch_size_bucket{le="100",model="m"} 3.0' in text
+    assert 'keras_tandem_batch_size_bucket{le="64",model="m"} 0.0' in text
+    assert 'le="128"' not in text
