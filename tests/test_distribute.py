@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -73,11 +74,14 @@ MIRRORED_CHILD = textwrap.dedent("""
 WORKER_CHILD = textwrap.dedent("""
     import json
     from keras_tandem import choose_strategy
-    from keras_tandem.cluster.strategy import describe_strategy
+    from keras_tandem.cluster.strategy import collective_timeout, describe_strategy
 
-    strategy = choose_strategy()
+    strategy = choose_strategy(collective_timeout_s=7)
+    options = strategy.extended._communication_options  # TensorFlow's, read for the test
     print("REPORT " + json.dumps({"describe": describe_strategy(strategy),
-                                  "replicas": strategy.num_replicas_in_sync}))
+                                  "replicas": strategy.num_replicas_in_sync,
+                                  "timeout": collective_timeout(strategy),
+                                  "tf_timeout": options.timeout_seconds}))
 """)
 
 
@@ -143,6 +147,19 @@ def test_tf_config_with_two_workers_gives_multi_worker_mirrored_strategy():
     for r in reports:
         assert r["describe"].startswith("MultiWorkerMirroredStrategy")
         assert r["replicas"] == 2
+        # The training loop enforces the timeout; TensorFlow's own collective timeout
+        # stays off (when it fires, the process can die by SIGSEGV: see _multiworker).
+        assert (r["timeout"], r["tf_timeout"]) == (7, None)
+
+
+def test_the_collective_timeout_defaults_to_the_environment_then_120_s(monkeypatch):
+    from keras_tandem.cluster.strategy import collective_timeout
+
+    strategy = types.SimpleNamespace()  # one that choose_strategy did not make
+    monkeypatch.delenv("KERAS_TANDEM_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert collective_timeout(strategy) == 120
+    monkeypatch.setenv("KERAS_TANDEM_COLLECTIVE_TIMEOUT_S", "5")
+    assert collective_timeout(strategy) == 5
 
 
 @pytest.mark.parametrize(("tf_config", "gpus", "devices", "expected"), [

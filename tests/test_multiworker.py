@@ -6,6 +6,7 @@ stops it in a `finally`. Synthetic-free: the bundled 8x8 digits, 1792 rows
 """
 
 import json
+import os
 import signal
 import sys
 import time
@@ -82,8 +83,8 @@ def test_two_workers_end_identical_and_train_like_one_process_of_the_global_batc
     # The same rows in the same order, one process, batches of 64 (Keras's own fit).
     import keras
 
+    from keras_tandem import train_in_background
     from keras_tandem.cluster.job import build_model, make_data
-    from keras_tandem.training.background import train_in_background
 
     x, y = make_data("digits", ROWS, 0)
     model = build_model("mlp", 0.003, 0)
@@ -99,12 +100,14 @@ def test_two_workers_end_identical_and_train_like_one_process_of_the_global_batc
 def test_sigkill_stops_the_survivor_with_a_message_and_a_restart_resumes(tmp_path):
     ckpt, report = tmp_path / "ckpt", tmp_path / "report"
     args = ["--epochs", "4", "--checkpoint-dir", str(ckpt), "--validation-split", "0.2"]
-    # Slow steps (28 per epoch) so that the kill lands inside epoch 3.
+    # Slow steps (28 per epoch), so that the run is still in epoch 3 when the kill lands.
     cluster = LocalCluster([*JOB, *args, "--step-delay", "0.03"], 2, out=None,
                            env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "20"})
     try:
+        # Printed after worker 1 saved epoch 2 (its steps, validation and saves are
+        # collectives with worker 0): whenever the kill lands, the survivor's next
+        # collective is in epoch 3 and it has saved epoch 2.
         _wait_for_line(cluster, 1, "epoch 2/4")
-        time.sleep(0.3)  # into epoch 3
         cluster.procs[1].send_signal(signal.SIGKILL)
         # The survivor stops by itself (no launcher kills it here), with a clear message.
         code = cluster.procs[0].wait(60)
@@ -112,7 +115,9 @@ def test_sigkill_stops_the_survivor_with_a_message_and_a_restart_resumes(tmp_pat
         cluster.stop()
     survivor = "\n".join(cluster.lines[0])
     assert code == 3, survivor
-    assert "lost a worker" in survivor and "resumes from epoch 2" in survivor, survivor
+    # Epochs counted from 1, as the progress lines count them.
+    assert "lost a worker or timed out in epoch 3/4" in survivor, survivor
+    assert "training resumes at epoch 3" in survivor, survivor
     # Only the chief's backup and model are kept; worker 1 wrote to its scratch folder only.
     assert sorted(p.name for p in ckpt.iterdir()) == [".worker_1_scratch", "backup",
                                                      "best.keras", "last.keras"]
@@ -149,13 +154,11 @@ def test_local_cluster_stops_the_others_when_one_worker_fails():
             "print('task', task, flush=True)\n"
             "sys.exit(5) if task == 1 else time.sleep(60)\n")
     cluster = LocalCluster([sys.executable, "-c", code], 2, out=None)
-    t0 = time.monotonic()
     try:
-        failed, exit_code = cluster.wait(30)
+        failed, exit_code = cluster.wait(60)  # (-1, None) had it waited out the sleeping one
     finally:
         cluster.stop()
     assert (failed, exit_code) == (1, 5)
-    assert time.monotonic() - t0 < 20
     assert cluster.procs[0].poll() == -signal.SIGTERM
     assert cluster.lines == [["task 0"], ["task 1"]]
 
@@ -176,18 +179,16 @@ def test_parameter_server_clusters_are_refused(monkeypatch, bad):
 
 STOP_SCRIPT = """
 import json, time
-from keras_tandem.cluster.strategy import choose_strategy
+from keras_tandem import choose_strategy, cluster_position, train_in_background
 strategy = choose_strategy()
-from keras_tandem.training import _multiworker
 from keras_tandem.cluster.job import build_model, make_data
-from keras_tandem.training.background import train_in_background
-index, workers, chief = _multiworker.cluster_position(strategy)
+index, workers, chief = cluster_position(strategy)
 x, y = make_data("digits", 1792, 0)
 with strategy.scope():
     model = build_model("mlp", 1e-3, 0)
 run = train_in_background(model, (x, y), epochs=50, batch_size=32)
 if index == 1:
-    while run.progress.total_steps < 10:
+    while run.progress.total_steps < 10 and not run.done:
         time.sleep(0.005)
     run.stop()
 run.join(120)
@@ -208,54 +209,49 @@ def test_tandem_worker_reports_the_failed_worker_and_stops_the_rest(tmp_path, ca
     from keras_tandem.cli import main
 
     script = tmp_path / "fail.py"
-    script.write_text("import json, os, sys, time\n"
+    # Worker 0 would sleep for a minute; worker 1 fails once worker 0 has said where it is.
+    script.write_text("import json, os, pathlib, sys, time\n"
                       "task = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+                      f"folder = pathlib.Path({str(tmp_path)!r})\n"
+                      "(folder / f'pid_{task}').write_text(str(os.getpid()))\n"
                       "print('hello from', task, flush=True)\n"
+                      "end = time.monotonic() + 60\n"
+                      "while task == 1 and not (folder / 'pid_0').exists():\n"
+                      "    assert time.monotonic() < end\n"
+                      "    time.sleep(0.01)\n"
                       "sys.exit(4) if task == 1 else time.sleep(60)\n")
-    t0 = time.monotonic()
     assert main(["worker", "--num-workers", "2", "--script", str(script)]) == 1
-    assert time.monotonic() - t0 < 30
     out, err = capsys.readouterr()
     assert "[worker 1] hello from 1" in out and "[worker 0] hello from 0" in out
     assert "worker 1 failed (exit code 4): stopped the other workers" in err
+    # Stopped and reaped, not left to sleep: its process is gone.
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "pid_0").read_text()), 0)
 
 
 def test_a_frozen_worker_makes_the_other_time_out_instead_of_hanging(tmp_path):
-    # SIGSTOP keeps the peer's connections open: only the collective timeout ends the wait.
+    # SIGSTOP keeps the peer's connections open: the survivor's step deadline (5 s here)
+    # or TensorFlow's coordination-service heartbeats end the wait, whichever comes
+    # first; the survivor then exits with the job's code for WorkerLost (3), not by a
+    # crash (TensorFlow's own collective timeout, which it used to rely on, could
+    # make it die by SIGSEGV under load).
     cluster = LocalCluster([*JOB, "--epochs", "50", "--step-delay", "0.02"], 2, out=None,
                            env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "5"})
     try:
         _wait_for_line(cluster, 1, "epoch 1/")
         cluster.procs[1].send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
         code = cluster.procs[0].wait(60)
-        waited = time.monotonic() - t0
     finally:
         cluster.stop()  # SIGKILL ends the stopped process too
     survivor = "\n".join(cluster.lines[0])
-    assert code == 3, survivor
-    assert "DeadlineExceededError" in survivor, survivor
-    assert "without checkpoint_dir it starts again from epoch 0" in survivor, survivor
-    assert waited < 40
-
-
-CLUSTER = {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", "127.0.0.1:3"]}
-
-
-@pytest.mark.parametrize(("task", "expected"), [
-    ({"type": "chief", "index": 0}, (0, 3, True)),
-    ({"type": "worker", "index": 1}, (2, 3, False)),
-])
-def test_cluster_position_counts_the_chief_among_the_workers(monkeypatch, task, expected):
-    from keras_tandem.training._multiworker import cluster_position
-
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": CLUSTER, "task": task}))
-    assert cluster_position() == expected
+    assert code == 3, f"{describe_exit(code)}\n{survivor}"
+    assert "DeadlineExceededError" in survivor or "UnavailableError" in survivor, survivor
+    assert "without checkpoint_dir it starts again at epoch 1" in survivor, survivor
 
 
 def test_a_model_built_outside_the_strategy_warns_that_it_trains_alone(monkeypatch):
+    from keras_tandem import train_in_background
     from keras_tandem.cluster.job import build_model
-    from keras_tandem.training.background import train_in_background
 
     monkeypatch.setenv("TF_CONFIG", tf_configs([1, 2])[1])
     model = build_model("mlp", 1e-3, 0)

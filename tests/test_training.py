@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _poll import wait_until
 from keras_tandem import Predictor, PublishWeights, train_in_background
 
 IN, CLASSES = 8, 3
@@ -80,23 +81,42 @@ def test_generator_dataset_and_validation_inputs():
         assert run.progress.steps_per_epoch == 3  # 192 training rows of 256
 
 
+class GateAt(keras.callbacks.Callback):
+    """Holds training at the end of batch `at` (counted from 1) until `release` is set."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.seen = at, 0
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.at:
+            self.reached.set()
+            assert self.release.wait(60), "the test never released training"
+
+
 def test_stop_ends_at_the_next_batch_and_publishes_the_final_weights():
     model = make_model()
     x, y = make_data()
+    gate = GateAt(3)
     with Predictor(model) as predictor:
         run = train_in_background(model, (x, y), epochs=100_000, batch_size=8,
-                                  publish_to=PublishWeights(predictor, on_epoch_end=False))
-        deadline = time.monotonic() + 60
-        while run.progress.total_steps < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not run.done
-        with pytest.raises(TimeoutError):
-            run.join(timeout=0.05)
-        with pytest.raises(RuntimeError, match="already training"):
-            train_in_background(model, (x, y), epochs=1)
-        run.stop()
+                                  publish_to=PublishWeights(predictor, on_epoch_end=False),
+                                  callbacks=[gate])
+        try:
+            assert gate.reached.wait(60), run.error
+            assert not run.done and run.progress.total_steps in (2, 3)  # batch 3 is held
+            with pytest.raises(TimeoutError):
+                run.join(timeout=0.05)
+            with pytest.raises(RuntimeError, match="already training"):
+                train_in_background(model, (x, y), epochs=1)
+            run.stop()  # asked during batch 3: the fit ends after it
+        finally:
+            gate.release.set()
         history = run.join(timeout=60)
-        assert run.done and len(history.epoch) <= 2
+        assert run.done and run.error is None
+        assert history.epoch == [0] and run.progress.total_steps == 3
         assert predictor.version == 1  # published on stop (train end) only
         assert serves_model_weights(predictor, model, x[:8])
         assert run.join() is history  # joining again gives the same answer
@@ -139,7 +159,9 @@ def test_a_training_error_is_raised_by_join_while_serving_goes_on():
         with pytest.raises(RuntimeError, match="boom in training"):
             run.join(timeout=60)
         assert run.done and isinstance(run.error, RuntimeError)
-        time.sleep(0.1)  # serving continues after the failure
+        after_failure = len(served)
+        wait_until(lambda: len(served) >= after_failure + 20 or failures,
+                   message="clients got no answers after the training error")
         stop.set()
         for c in clients:
             c.join(10)

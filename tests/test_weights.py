@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_tandem import Predictor, PublishWeights, train_in_background
+from keras_tandem.training import publish
 from keras_tandem.training.publish import all_finite
 
 IN, OUT = 8, 4
@@ -153,7 +154,9 @@ def test_schedule_by_batch_count_epoch_end_and_train_end():
         assert publisher.published == 8 and predictor.version == 8
         assert publisher.last_version == 8 and publisher.superseded == 0
         assert 0 < publisher.publish_seconds_mean <= publisher.publish_seconds_max
-        assert publisher.publish_seconds_total >= publisher.publish_seconds_max
+        # The mean is over the 8 snapshots read, and no read took longer than the max.
+        assert publisher.publish_seconds_total == pytest.approx(8 * publisher.publish_seconds_mean)
+        assert publisher.publish_seconds_total <= 8 * publisher.publish_seconds_max
 
         only_end = PublishWeights(predictor, on_epoch_end=False, wait=True)
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[only_end])
@@ -177,20 +180,22 @@ def test_hand_off_thread_publishes_the_newest_snapshot_and_flushes_at_train_end(
         assert publisher.swap_seconds_max > 0
 
 
-def test_every_seconds_and_several_predictors():
+def test_every_seconds_and_several_predictors(monkeypatch):
     model = make_model(lr=0.01)
-    x, y = make_data(rows=160)
+    x, y = make_data(rows=160)  # 10 batches of 16
+    clock = [0.0]
+    monkeypatch.setattr(publish, "_now", lambda: clock[0])
 
-    class Slow(keras.callbacks.Callback):
+    class Tick(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            threading.Event().wait(0.03)
+            clock[0] += 0.03  # each batch takes 30 ms on the fake clock
 
     with Predictor(model) as a, Predictor(model) as b:
-        publisher = PublishWeights([a, b], every_seconds=0.1, on_epoch_end=False)
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Slow(), publisher])
-        # 10 batches of >= 30 ms (0.3 s): at least one publish by time, plus train end.
-        assert 2 <= publisher.published <= 10
-        assert publisher.last_versions == [a.version, b.version] == [publisher.published] * 2
+        publisher = PublishWeights([a, b], every_seconds=0.1, on_epoch_end=False, wait=True)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Tick(), publisher])
+        # By time after batches 4 (0.12 s) and 8 (0.24 s); at train end for batches 9-10.
+        assert publisher.published == 3
+        assert publisher.last_versions == [a.version, b.version] == [3, 3]
         np.testing.assert_allclose(a.predict(x[:3]), b.predict(x[:3]))
         np.testing.assert_allclose(a.predict(x[:3]), model(x[:3]).numpy(), rtol=1e-4,
                                    atol=1e-5)

@@ -2,16 +2,24 @@
 
 `PublishWeights`, `train_in_background`, `make_pipeline`, `probe_input` and
 `choose_strategy` import Keras and TensorFlow, so they load on first use:
-`import keras_tandem` (and `tandem --help`) stay fast.
+`import keras_tandem` (and `tandem --help`) stay fast. `cluster_position`
+(this process's place in a `TF_CONFIG` cluster) loads on first use too.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
+from keras_tandem.errors import (
+    InvalidInputError,
+    Overloaded,
+    PredictionFailed,
+    PredictorClosed,
+    WorkerLost,
+)
 from keras_tandem.serving.predictor import Predictor
 
 if TYPE_CHECKING:
     from keras_tandem.cluster.strategy import choose_strategy
+    from keras_tandem.cluster.tf_config import cluster_position
     from keras_tandem.data.pipeline import make_pipeline
     from keras_tandem.data.probe import probe_input
     from keras_tandem.server import serve
@@ -27,7 +35,9 @@ __all__ = [
     "PublishWeights",
     "TrainingProgress",
     "TrainingRun",
+    "WorkerLost",
     "choose_strategy",
+    "cluster_position",
     "make_pipeline",
     "probe_input",
     "serve",
@@ -43,6 +53,7 @@ _LAZY = {
     "make_pipeline": "keras_tandem.data.pipeline",
     "probe_input": "keras_tandem.data.probe",
     "choose_strategy": "keras_tandem.cluster.strategy",
+    "cluster_position": "keras_tandem.cluster.tf_config",  # pure Python, no TensorFlow
     "serve": "keras_tandem.server",  # imports aiohttp
 }
 

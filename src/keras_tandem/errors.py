@@ -1,7 +1,9 @@
-"""The errors a `Predictor` raises to its callers.
+"""The errors keras-tandem raises to its callers.
 
-Each one tells the caller what happened to *its own* request and what to do;
-none of them means the Predictor stopped serving other callers.
+The `Predictor`'s errors tell a caller what happened to *its own* request and
+what to do; none of them means the Predictor stopped serving other callers.
+`WorkerLost` ends a multi-worker training run. Pure Python, so that
+`import keras_tandem` can export them all without loading TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,4 +35,15 @@ class PredictionFailed(RuntimeError):
 
     The original exception is chained as `__cause__`. Only the requests of
     that one batch fail; the Predictor keeps serving.
+    """
+
+
+class WorkerLost(RuntimeError):
+    """A peer of a multi-worker cluster died or stopped answering.
+
+    Raised by `TrainingRun.join()` on every surviving worker (the TensorFlow
+    error is chained as `__cause__`); the message says from which epoch
+    training resumes. The collectives of this process are aborted, so it
+    cannot go on training: end it and start every worker again (with a
+    `checkpoint_dir`, training resumes from the last epoch saved).
     """

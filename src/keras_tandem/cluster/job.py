@@ -88,17 +88,17 @@ def build_model(kind: str, lr: float, seed: int) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Trains on this worker (all workers run it alike); returns the exit code."""
-    from keras_tandem.cluster.strategy import choose_strategy, describe_strategy
+    from keras_tandem import choose_strategy, cluster_position
+    from keras_tandem.cluster.strategy import describe_strategy
 
     strategy = choose_strategy()  # first: before TensorFlow's runtime starts
     import keras
     import tensorflow as tf
 
-    from keras_tandem.training import _multiworker
-    from keras_tandem.training.background import train_in_background
+    from keras_tandem import WorkerLost, train_in_background
 
     multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    index, workers, is_chief = _multiworker.cluster_position(strategy if multi else None)
+    index, workers, is_chief = cluster_position(strategy)
     say = print
     say(f"{describe_strategy(strategy)}; {'chief' if is_chief else 'worker'} {index} of {workers}")
     x, y = make_data(args.data, args.rows, args.seed)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.model, args.lr, args.seed)
     predictor = None
     if args.serve and is_chief:
-        from keras_tandem.serving.predictor import Predictor
+        from keras_tandem import Predictor
 
         predictor = Predictor(model)
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         callbacks=[lines], publish_to=predictor)
     try:
         history = run_.join()
-    except _multiworker.WorkerLost as e:
+    except WorkerLost as e:
         say(f"stopped: {e}")
         return 3
     if predictor is not None:

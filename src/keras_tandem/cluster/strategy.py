@@ -3,17 +3,20 @@
 Owns `choose_strategy` (what to train under) and `describe_strategy` (one
 line saying what was picked, also logged). The choice itself is a pure
 function of TF_CONFIG and the device lists (`_plan`), so it can be tested
-without the hardware. Training under the multi-worker strategy is
-`_multiworker.py`'s (used by `train_in_background`).
+without the hardware. Reading TF_CONFIG is `tf_config.py`'s (one parser for
+the strategy, the training loop and users); training under the multi-worker
+strategy is `keras_tandem.training`'s (used by `train_in_background`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
+
+from keras_tandem.cluster.tf_config import _parse
 
 log = logging.getLogger("keras_tandem.cluster.strategy")
 
@@ -21,6 +24,7 @@ log = logging.getLogger("keras_tandem.cluster.strategy")
 # Default bound on one collective (all-reduce) of a multi-worker step; see choose_strategy.
 COLLECTIVE_TIMEOUT_S = 120.0
 _TIMEOUT_ENV = "KERAS_TANDEM_COLLECTIVE_TIMEOUT_S"
+_TIMEOUTS: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def choose_strategy(devices: str | Sequence[str] | None = None, *,
@@ -43,12 +47,16 @@ def choose_strategy(devices: str | Sequence[str] | None = None, *,
             a list of device names (`["/cpu:0", "/cpu:1"]`): `MirroredStrategy`
             across them when there are several, `OneDeviceStrategy` for one.
             Overrides TF_CONFIG.
-        collective_timeout_s: multi-worker only: the most seconds one
-            collective may wait for the other workers before it fails (so a
-            survivor of a dead worker stops instead of hanging). Default: the
-            `KERAS_TANDEM_COLLECTIVE_TIMEOUT_S` environment variable, else
-            120. It must exceed the longest pause of any worker between two
-            steps (a checkpoint save, the first step's tracing).
+        collective_timeout_s: multi-worker only: the most seconds one step
+            of `train_in_background`'s loop (a training or validation step,
+            a checkpoint save) may wait for the other workers; then this
+            worker's collectives are aborted and `join()` raises
+            `WorkerLost` (so a survivor of a frozen worker stops instead of
+            hanging). Default: the `KERAS_TANDEM_COLLECTIVE_TIMEOUT_S`
+            environment variable, else 120. It must exceed the longest pause
+            of any worker between two steps (a checkpoint save, the first
+            step's tracing). A dead or frozen process is also caught by
+            TensorFlow's coordination service heartbeats.
 
     Returns:
         The strategy; `describe_strategy` says in one line what it is.
@@ -62,19 +70,21 @@ def choose_strategy(devices: str | Sequence[str] | None = None, *,
     import tensorflow as tf
 
     tf_config = os.environ.get("TF_CONFIG")
-    if devices is None and _workers(tf_config) > 1:
+    if devices is None and _parse(tf_config).workers > 1:
         # Before anything that initialises TensorFlow's runtime (listing logical
         # devices does): collective ops can only be configured before that.
-        timeout = collective_timeout_s or float(os.environ.get(_TIMEOUT_ENV)
-                                                or COLLECTIVE_TIMEOUT_S)
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+        # No CommunicationOptions(timeout_seconds=...): TensorFlow's own timeout
+        # can crash the process (see keras_tandem.training._multiworker); the
+        # training loop enforces this bound instead.
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except RuntimeError as e:
             raise RuntimeError(
                 "TF_CONFIG names a multi-worker cluster, but TensorFlow's runtime already "
                 "started: call choose_strategy() before any other TensorFlow work."
             ) from e
+        if collective_timeout_s:
+            _TIMEOUTS[strategy] = float(collective_timeout_s)
         log.info("choose_strategy: %s", describe_strategy(strategy))
         return strategy
     if isinstance(devices, str) and devices.upper() in ("CPU", "GPU"):
@@ -94,6 +104,23 @@ def choose_strategy(devices: str | Sequence[str] | None = None, *,
         strategy = tf.distribute.get_strategy()
     log.info("choose_strategy: %s", describe_strategy(strategy))
     return strategy
+
+
+def collective_timeout(strategy: Any) -> float:
+    """The most seconds one collective of `strategy` may wait for the other workers.
+
+    Args:
+        strategy: a strategy, normally made by `choose_strategy`.
+
+    Returns:
+        The `collective_timeout_s` given to `choose_strategy`, else the
+        `KERAS_TANDEM_COLLECTIVE_TIMEOUT_S` environment variable, else 120.
+    """
+    try:
+        chosen = _TIMEOUTS.get(strategy)
+    except TypeError:  # not weak-referenceable, so not one choose_strategy made
+        chosen = None
+    return chosen or float(os.environ.get(_TIMEOUT_ENV) or COLLECTIVE_TIMEOUT_S)
 
 
 def describe_strategy(strategy: Any) -> str:
@@ -140,7 +167,7 @@ def _plan(tf_config: str | None, gpus: Sequence[str],
         if not devices:
             raise ValueError("choose_strategy(devices=[]) names no device.")
         return ("mirrored" if len(devices) > 1 else "one_device"), list(devices)
-    if _workers(tf_config) > 1:
+    if _parse(tf_config).workers > 1:
         return "multi_worker", []
     if len(gpus) > 1:
         return "mirrored", list(gpus)
@@ -148,20 +175,3 @@ def _plan(tf_config: str | None, gpus: Sequence[str],
         return "one_device", list(gpus)
     return "default", []
 
-
-def _workers(tf_config: str | None) -> int:
-    """How many workers (chief included) TF_CONFIG's cluster has; 0 without one."""
-    if not tf_config:
-        return 0
-    try:
-        config = json.loads(tf_config)
-        cluster = config.get("cluster") or {}
-        task_type = (config.get("task") or {}).get("type")
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster': {e}") from e
-    if cluster.get("ps"):
-        raise ValueError("TF_CONFIG names parameter servers ('ps'): ParameterServerStrategy "
-                         "is not supported; use a cluster of 'chief' and 'worker' tasks.")
-    if task_type == "evaluator":
-        return 0  # an evaluator evaluates alone; it never joins the workers' collectives
-    return len(cluster.get("chief") or []) + len(cluster.get("worker") or [])

@@ -6,7 +6,8 @@ the `PublishWeights` callback (`publish.py`), the training loop used under
 passes as data into datasets (`_inputs.py`, shared by both loops).
 
 May import `serving` (a Predictor is what weights are published to, through
-its public API only) and `cluster` (the place of this process in a cluster).
+its public API only) and `cluster` (the place of this process in a cluster,
+the collective timeout `choose_strategy` was given).
 Must not import: `server`, `bench`, `data` (tf.data pipelines are passed in
 as datasets). Imports Keras and TensorFlow at module level: load it lazily.
 """

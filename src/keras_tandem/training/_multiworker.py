@@ -13,7 +13,6 @@ driven by hand through `keras.callbacks.CallbackList` (progress, History,
 
 Owns:
 - `multi_worker_strategy`: whether a model trains under such a strategy.
-- `cluster_position`: this process's task index, the worker count, chief or not.
 - `fit`: the loop (what `TrainingRun` calls instead of `model.fit`), the
   input distribution (global batch = per-worker batch x workers, sharding),
   the cluster-wide stop flag, and the checkpoints.
@@ -25,19 +24,25 @@ recipe: saving may take part in collectives, so all must call it). At start
 every worker restores what it finds and then takes the chief's values
 (variables and epoch) by an all-reduce, so all start identical even without
 a shared file system. A dead peer makes the survivors' next collective fail
-(within `CommunicationOptions(timeout_seconds=...)`, set by
-`choose_strategy`); that error is re-raised as `WorkerLost` with the epoch to
-resume from. The backup is removed when training completes, as Keras's
-`BackupAndRestore` does.
+at once; a frozen one is caught by TensorFlow's coordination service
+heartbeats or by our own deadline on each step (`_CollectiveDeadline`, the
+`collective_timeout_s` of `choose_strategy`), whichever comes first; the
+error is re-raised as `WorkerLost` with the epoch to resume from. The backup
+is removed when training completes, as Keras's `BackupAndRestore` does.
+
+Not here: where this process stands in the cluster (`cluster_position`, in
+`keras_tandem.cluster.tf_config`) and turning arrays and generators into
+datasets (`_inputs.py`, shared with `background.py`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
-import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,14 +51,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# The one private TensorFlow entry point here: aborting collectives (see
+# _CollectiveDeadline); TensorFlow's own multi-worker health check calls it.
+from tensorflow.python.eager import context
+
+from keras_tandem.cluster.strategy import collective_timeout
+from keras_tandem.cluster.tf_config import cluster_position
+from keras_tandem.errors import WorkerLost
+from keras_tandem.training import _inputs
+
 log = logging.getLogger("keras_tandem.multiworker")
 _COLLECTIVE_ERRORS = (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
                       tf.errors.CancelledError, tf.errors.AbortedError,
                       tf.errors.InternalError, tf.errors.FailedPreconditionError)
-
-
-class WorkerLost(RuntimeError):
-    """A peer of the cluster died or stopped answering; the whole cluster must restart."""
 
 
 def multi_worker_strategy(model: Any) -> Any:
@@ -71,75 +81,24 @@ def multi_worker_strategy(model: Any) -> Any:
     return None
 
 
-def cluster_position(strategy: Any = None) -> tuple[int, int, bool]:
-    """Where this process stands in the cluster.
-
-    Args:
-        strategy: a `MultiWorkerMirroredStrategy`; None reads TF_CONFIG.
-
-    Returns:
-        `(task index among the workers, number of workers, is chief)`. The
-        chief is the `chief` task, or worker 0 when the cluster has none.
-    """
-    if strategy is not None and getattr(strategy, "cluster_resolver", None) is not None:
-        resolver = strategy.cluster_resolver
-        spec = resolver.cluster_spec().as_dict()
-        task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
-    else:
-        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-        spec = config.get("cluster") or {}
-        task = config.get("task") or {}
-        task_type, task_id = task.get("type", "worker"), int(task.get("index", 0))
-    chiefs = len(spec.get("chief") or [])
-    workers = chiefs + len(spec.get("worker") or [])
-    index = task_id if task_type == "chief" else chiefs + task_id
-    is_chief = task_type == "chief" or (not chiefs and task_type == "worker" and task_id == 0)
-    return index, max(workers, 1), is_chief
-
-
 # ------------------------------------------------------------------ inputs
 
-def _data_options() -> tf.data.Options:
-    options = tf.data.Options()
-    options.autotune.enabled = False  # see training.py: no teardown stall
-    # Deliberate: each worker builds the same pipeline and keeps its share of
-    # every global batch (arrays and generators cannot be sharded by file).
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
-
-
-def _array_dataset(arrays: tuple, global_batch: int, shuffle: bool, seed: int) -> Any:
-    rows = int(np.shape(arrays[0])[0])
-    indices = tf.data.Dataset.range(rows)
-    if shuffle:
-        # The same seed on every worker: DATA sharding needs one order for all.
-        indices = indices.shuffle(rows, seed=seed, reshuffle_each_iteration=True)
-    indices = indices.repeat().batch(global_batch, drop_remainder=True)
-    data = tf.data.Dataset.from_tensors(arrays).repeat()
-    ds = tf.data.Dataset.zip(indices, data).map(
-        lambda i, d: tf.nest.map_structure(lambda a: tf.gather(a, i), d))
-    return ds.prefetch(2).with_options(_data_options())
-
-
-def _inputs(data: Any, kwargs: dict[str, Any], workers: int,
-            steps_per_epoch: int | None) -> tuple[Any, int, bool]:
+def _global_batches(data: Any, kwargs: dict[str, Any], workers: int,
+                    steps_per_epoch: int | None) -> tuple[Any, int, bool]:
     """Returns `(dataset of global batches, steps per epoch, one iterator for all epochs)`."""
-    from keras_tandem.training import background as training
-
-    if training._is_arrays(data):
+    if _inputs.is_arrays(data):
         batch = int(kwargs.pop("batch_size", None) or 32)
-        arrays = tuple(np.asarray(d) for d in data if d is not None)
-        if kwargs.get("sample_weight") is not None:
-            arrays = (*arrays[:2], np.asarray(kwargs.pop("sample_weight")))
-        kwargs.pop("sample_weight", None)
+        arrays = tf.nest.map_structure(np.asarray, _inputs.take_arrays(data, kwargs))
         global_batch = batch * workers
-        rows = int(arrays[0].shape[0])
+        rows = _inputs.rows(arrays)
         steps = steps_per_epoch or rows // global_batch
         if steps < 1:
             raise ValueError(f"{rows} rows make no global batch of {batch} x {workers} workers.")
-        seed = int(kwargs.pop("seed", 0))
-        return _array_dataset(arrays, global_batch, bool(kwargs.pop("shuffle", True)),
-                              seed), steps, True
+        # The same seed on every worker: DATA sharding needs one order for all.
+        dataset = _inputs.array_dataset(arrays, global_batch,
+                                        shuffle=bool(kwargs.pop("shuffle", True)),
+                                        seed=int(kwargs.pop("seed", 0)), repeat=True)
+        return dataset, steps, True
     kwargs.pop("shuffle", None)
     if isinstance(data, tf.data.Dataset):
         dataset = data
@@ -151,7 +110,7 @@ def _inputs(data: Any, kwargs: dict[str, Any], workers: int,
                 tf.data.experimental.AutoShardPolicy.DATA
             dataset = dataset.with_options(options)
     elif isinstance(data, Iterator):
-        dataset = training._generator_dataset(data)
+        dataset = _inputs.generator_dataset(data)
     else:
         raise TypeError("Under MultiWorkerMirroredStrategy, data must be a tuple of arrays, a "
                         f"tf.data.Dataset or a generator of batches; got {type(data)}.")
@@ -162,6 +121,74 @@ def _inputs(data: Any, kwargs: dict[str, Any], workers: int,
         return dataset, cardinality, False
     raise ValueError("Under MultiWorkerMirroredStrategy every worker must run the same number of "
                      "steps: pass steps_per_epoch= for a dataset or generator of unknown length.")
+
+
+# ------------------------------------------------------- the collective deadline
+
+class _CollectiveDeadline:
+    """Aborts this process's collectives when one guarded call waits too long.
+
+    Why not `CommunicationOptions(timeout_seconds=...)`: when TensorFlow's own
+    timeout fires (`BaseCollectiveExecutor::ExecuteAsync`), it completes the
+    op at once while its ring all-reduce still has receives in flight to the
+    silent peer; their cancellation callbacks (`RingAlg::StartAbort`) then
+    use the op's `CancellationManager`, already freed: the survivor died by
+    SIGSEGV or SIGABRT instead of raising, often under load. Aborting the
+    collective executor instead, as TensorFlow's peer health check and its
+    coordination service do, fails the op only once the ring has finished
+    its receives.
+
+    A context manager that owns one thread, joined on exit. After it fired,
+    every collective of this process fails at once (TensorFlow's rule), so it
+    fires once.
+    """
+
+    def __init__(self, timeout_s: float):
+        self._timeout_s = float(timeout_s)
+        self._cond = threading.Condition()
+        self._due: float | None = None  # when the guarded call times out; None: idle
+        self._what = ""
+        self._closed = False
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name="keras-tandem-collective-deadline")
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        with self._cond:
+            self._due, self._what = time.monotonic() + self._timeout_s, what
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._due = None
+
+    def __enter__(self) -> _CollectiveDeadline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    return
+                left = None if self._due is None else self._due - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            what = self._what
+        log.error("%s waited more than %g s for the other workers: aborting this worker's "
+                  "collectives", what, self._timeout_s)
+        context.context().abort_collective_ops(
+            tf.errors.DEADLINE_EXCEEDED,
+            f"{what} waited more than {self._timeout_s:g} s for the other workers (the "
+            "collective timeout, see choose_strategy).")
 
 
 # -------------------------------------------------------------- the loop
@@ -249,22 +276,17 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
         raise ValueError(f"Under MultiWorkerMirroredStrategy, train_in_background does not take "
                          f"{', '.join(unsupported)}.")
     if split and validation is None:
-        from keras_tandem.training import background as training
-
-        if not training._is_arrays(data):
+        if not _inputs.is_arrays(data):
             raise ValueError("validation_split needs arrays; pass validation_data instead.")
-        # As Keras does it: the last fraction of the rows, before shuffling.
-        rows = int(np.shape(data[0])[0])
-        cut = int(rows * (1.0 - split))
-        validation = tuple(None if d is None else d[cut:] for d in data)
-        data = tuple(None if d is None else d[:cut] for d in data)
-    with strategy.scope():
-        dataset, steps, persistent = _inputs(data, dict(kwargs), workers, steps_per_epoch)
+        data, validation = _inputs.split_validation(_inputs.take_arrays(data, kwargs), split)
+    with strategy.scope(), _CollectiveDeadline(collective_timeout(strategy)) as deadline:
+        dataset, steps, persistent = _global_batches(data, dict(kwargs), workers, steps_per_epoch)
         dist = strategy.experimental_distribute_dataset(dataset)
         val_dist, val_steps = None, 0
         if validation is not None:
             val_kwargs = {"batch_size": validation_batch, "shuffle": False}
-            val_ds, val_steps, _ = _inputs(validation, val_kwargs, workers, validation_steps)
+            val_ds, val_steps, _ = _global_batches(validation, val_kwargs, workers,
+                                                   validation_steps)
             if isinstance(validation, tuple):  # arrays repeat for ever: one pass per epoch
                 val_ds = val_ds.take(val_steps)
             val_dist = strategy.experimental_distribute_dataset(val_ds)
@@ -283,13 +305,20 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
             restore_from = tf.train.latest_checkpoint(str(folder / "backup"))
             if restore_from:
                 checkpoint.restore(restore_from).expect_partial()
-        # The chief's values win: identical weights and epoch on every worker.
-        synced = [*model.variables, *model.optimizer.variables, epoch_var]
-        _sync_from_chief(strategy, synced, is_chief)
+        try:
+            # The chief's values win: identical weights and epoch on every worker.
+            synced = [*model.variables, *model.optimizer.variables, epoch_var]
+            with deadline.guard("the start (the chief's weights and epoch)"):
+                _sync_from_chief(strategy, synced, is_chief)
+        except _COLLECTIVE_ERRORS as e:
+            raise WorkerLost(f"worker {index} of {workers}: the cluster lost a worker or timed "
+                             f"out at the start ({type(e).__name__}). Restart every worker.") \
+                from e
         start = int(epoch_var.numpy())
         if manager is not None and start > initial_epoch:
-            log.warning("worker %d: resuming from epoch %d (backup in %s)", index, start,
-                        folder / "backup")
+            # 1-based, as the progress lines count epochs for people.
+            log.warning("worker %d: resuming at epoch %d/%d (%d done, backup in %s)", index,
+                        start + 1, epochs, start, folder / "backup")
 
         replicas = strategy.num_replicas_in_sync
 
@@ -335,7 +364,8 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
             it, total, values = iter(val_dist), 0.0, {}
             for step in range(val_steps):
                 hooks.on_test_batch_begin(step)
-                values = dict(zip(val_names, val_step(it).numpy().tolist()))
+                with deadline.guard("a validation step"):
+                    values = dict(zip(val_names, val_step(it).numpy().tolist()))
                 total += values["val_loss"]
                 values["val_loss"] = total / (step + 1)
                 hooks.on_test_batch_end(step, {k[4:]: v for k, v in values.items()})
@@ -356,7 +386,7 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
         hooks.on_train_begin()
         iterator = iter(dist) if persistent else None
         logs: dict[str, float] = {}
-        epoch = start
+        epoch = saved = start
         best = math.inf
         try:
             for epoch in range(start, epochs):
@@ -367,8 +397,9 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
                 total, seen = 0.0, 0
                 for step in range(steps):
                     hooks.on_train_batch_begin(step)
-                    packed = train_step(iterator, tf.constant(bool(model.stop_training)))
-                    values = dict(zip(names, packed.numpy().tolist()))
+                    with deadline.guard("a training step"):
+                        packed = train_step(iterator, tf.constant(bool(model.stop_training)))
+                        values = dict(zip(names, packed.numpy().tolist()))
                     stop = values.pop("_stop") > 0
                     total, seen = total + values["loss"], seen + 1
                     logs = {**values, "loss": total / seen}  # running mean, as fit shows
@@ -382,23 +413,25 @@ def fit(model: Any, data: Any, *, strategy: Any, epochs: int, callbacks: list,
                 if manager is not None:
                     # All workers save (reading synced-on-read variables, e.g.
                     # metrics, is a collective); only the chief's copy is kept.
-                    manager.save()
-                    into = folder if is_chief else _scratch_dir(folder, index)
-                    model.save(str(into / "last.keras"))
-                    val_loss = logs.get("val_loss", math.inf)
-                    if val_loss < best:  # the same logs on every worker: the same choice
-                        best = val_loss
-                        model.save(str(into / "best.keras"))
+                    with deadline.guard("a checkpoint save"):
+                        manager.save()
+                        into = folder if is_chief else _scratch_dir(folder, index)
+                        model.save(str(into / "last.keras"))
+                        val_loss = logs.get("val_loss", math.inf)
+                        if val_loss < best:  # the same logs on every worker: the same choice
+                            best = val_loss
+                            model.save(str(into / "best.keras"))
+                    saved = epoch + 1
                 hooks.on_epoch_end(epoch, dict(logs))
                 if model.stop_training:
                     break
         except _COLLECTIVE_ERRORS as e:
-            resume = int(epoch_var.numpy())
+            # Epochs counted from 1, as the progress lines and the resume log show them.
             raise WorkerLost(
                 f"worker {index} of {workers}: the cluster lost a worker or timed out in epoch "
-                f"{epoch} ({type(e).__name__}). Restart every worker"
-                + (f"; training resumes from epoch {resume}." if manager is not None
-                   else "; without checkpoint_dir it starts again from epoch 0.")) from e
+                f"{epoch + 1}/{epochs} ({type(e).__name__}). Restart every worker"
+                + (f"; training resumes at epoch {saved + 1}." if manager is not None
+                   else "; without checkpoint_dir it starts again at epoch 1.")) from e
         if manager is not None:
             if not is_chief:
                 shutil.rmtree(_scratch_dir(folder, index), ignore_errors=True)

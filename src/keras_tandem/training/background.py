@@ -4,17 +4,18 @@ Separation of concerns:
 - `TrainingRun` (this module) owns the training thread and its lifecycle:
   progress, `stop()`, `join()` (which re-raises a training error), and the
   callbacks that feed them.
-- `PublishWeights` (weights.py) owns publishing weights to predictors;
+- `PublishWeights` (publish.py) owns publishing weights to predictors;
   `train_in_background` only wires one in when `publish_to` is given.
 - Keras owns the loop itself, and checkpoints (`BackupAndRestore`,
   `ModelCheckpoint`) when `checkpoint_dir` is given; under a
   `MultiWorkerMirroredStrategy`, `_multiworker.fit` owns the loop and the
   checkpoints instead (Keras 3's `fit` fails there).
+- `_inputs.py` turns arrays and generators into datasets, for both loops.
 
 The tf.data teardown trap: destroying a used tf.data iterator while autotune
 is on can stall until autotune's next wake-up (up to seconds). Keras drops an
 epoch's iterator when the next epoch starts and the last one when `fit`
-returns. So (1) the datasets this module builds from arrays and generators
+returns. So (1) the datasets built from arrays and generators (`_inputs.py`)
 have autotune off, which removes the stall, and (2) `join()` and `done` are
 released from `on_train_end`, after the last callback work but before `fit`
 frees its iterator, so a user's own autotuned `tf.data.Dataset` cannot delay
@@ -28,8 +29,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import math
-import os
 import threading
 import time
 import warnings
@@ -39,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from keras_tandem.cluster.tf_config import cluster_position
+from keras_tandem.training import _inputs, _multiworker
 from keras_tandem.training.publish import PublishWeights
 
 _now = time.perf_counter
@@ -255,94 +255,28 @@ class TrainingRun:
 
 # --------------------------------------------------------------- inputs
 
-def _pipeline_options() -> tf.data.Options:
-    options = tf.data.Options()
-    # Autotune off: a used iterator is then freed at once, with no stall (see
-    # the module docstring). These pipelines only slice or pull batches.
-    options.autotune.enabled = False
-    options.experimental_optimization.apply_default_optimizations = False
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
-
-
-def _rows(structure: Any) -> int:
-    return int(np.shape(tf.nest.flatten(structure)[0])[0])
-
-
-def _array_dataset(arrays: tuple, batch_size: int, shuffle: bool) -> tf.data.Dataset:
-    """Batches of `arrays` (x, y[, sample_weight]), reshuffled each epoch if asked."""
-    rows = _rows(arrays)
-    indices = tf.data.Dataset.range(rows)
-    if shuffle:
-        indices = indices.shuffle(rows, reshuffle_each_iteration=True)
-    indices = indices.batch(batch_size)
-    # The arrays are one dataset element, stored once; each batch gathers rows.
-    data = tf.data.Dataset.from_tensors(arrays).repeat()
-    ds = tf.data.Dataset.zip(indices, data).map(
-        lambda i, d: tf.nest.map_structure(lambda a: tf.gather(a, i), d))
-    return ds.prefetch(2).with_options(_pipeline_options())
-
-
-def _generator_dataset(gen: Iterator) -> tf.data.Dataset:
-    """A dataset over a Python iterator of batches; single pass, as Keras makes it."""
-    try:
-        first = next(gen)
-    except StopIteration:
-        raise ValueError("The data generator yielded no batch.") from None
-
-    def as_tuple(batch):
-        return tuple(batch) if isinstance(batch, list) else batch
-
-    first = as_tuple(first)
-    signature = tf.nest.map_structure(
-        lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)),
-        first)
-    pending = [first]
-
-    def source():
-        while pending:
-            yield pending.pop()
-        for batch in gen:
-            yield as_tuple(batch)
-
-    ds = tf.data.Dataset.from_generator(source, output_signature=signature)
-    return ds.prefetch(2).with_options(_pipeline_options())
-
-
-def _is_arrays(data: Any) -> bool:
-    return isinstance(data, tuple) and len(data) in (2, 3) and not any(
-        isinstance(d, (tf.data.Dataset, Iterator)) for d in data)
-
-
 def _prepare_inputs(data: Any, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
     """fit's data arguments for `data`: our own pipelines for arrays and generators."""
     kwargs = dict(fit_kwargs)
     if isinstance(data, (tf.data.Dataset, keras.utils.PyDataset)):
         kwargs.setdefault("shuffle", False)  # keras warns that it ignores shuffle=True
         return {"x": data, **kwargs}
-    if _is_arrays(data):
+    if _inputs.is_arrays(data):
         batch_size = int(kwargs.pop("batch_size", None) or 32)
         shuffle = kwargs.pop("shuffle", True)
-        arrays = tuple(d for d in data if d is not None)
-        if kwargs.get("sample_weight") is not None:
-            arrays = (*arrays[:2], kwargs.pop("sample_weight"))
-        kwargs.pop("sample_weight", None)
+        arrays = _inputs.take_arrays(data, kwargs)
         split = kwargs.pop("validation_split", 0.0) or 0.0
         if split and kwargs.get("validation_data") is None:
-            # As Keras does it: the last fraction of the rows, before shuffling.
-            cut = math.floor(_rows(arrays) * (1.0 - split))
-            head = tf.nest.map_structure(lambda a: a[:cut], arrays)
-            kwargs["validation_data"] = tf.nest.map_structure(lambda a: a[cut:], arrays)
-            arrays = head
+            arrays, kwargs["validation_data"] = _inputs.split_validation(arrays, split)
         val = kwargs.get("validation_data")
-        if _is_arrays(val):
+        if _inputs.is_arrays(val):
             val_batch = int(kwargs.pop("validation_batch_size", None) or batch_size)
-            kwargs["validation_data"] = _array_dataset(
-                tuple(d for d in val if d is not None), val_batch, False)
-        return {"x": _array_dataset(arrays, batch_size, bool(shuffle)), "shuffle": False,
-                **kwargs}
+            kwargs["validation_data"] = _inputs.array_dataset(
+                tuple(d for d in val if d is not None), val_batch, shuffle=False)
+        return {"x": _inputs.array_dataset(arrays, batch_size, shuffle=bool(shuffle)),
+                "shuffle": False, **kwargs}
     if inspect.isgenerator(data) or isinstance(data, Iterator):
-        return {"x": _generator_dataset(data), "shuffle": False, **kwargs}
+        return {"x": _inputs.generator_dataset(data), "shuffle": False, **kwargs}
     raise TypeError(
         "data must be a tf.data.Dataset, a keras.utils.PyDataset, a generator of (x, y) "
         f"batches, or a tuple (x, y) or (x, y, sample_weight) of arrays; got {type(data)}.")
@@ -360,12 +294,10 @@ def _publishers(publish_to: Any, callbacks: Sequence) -> tuple[list, list[Publis
 
 
 def _cluster_size() -> int:
-    from keras_tandem.cluster.strategy import _workers
-
     try:
-        return _workers(os.environ.get("TF_CONFIG"))
-    except ValueError:
-        return 0
+        return cluster_position().workers
+    except ValueError:  # choose_strategy() reports a malformed TF_CONFIG
+        return 1
 
 
 def train_in_background(
@@ -412,8 +344,9 @@ def train_in_background(
     `steps_per_epoch`, `initial_epoch`, `verbose` and the validation
     arguments are taken, and `checkpoint_dir` holds a `tf.train.Checkpoint`
     backup written by the chief plus its `last.keras` (and `best.keras`).
-    A dead worker makes the others raise `WorkerLost` from `join()`;
-    starting the cluster again resumes after the last epoch saved.
+    A dead or frozen worker makes the others raise `keras_tandem.WorkerLost`
+    from `join()`; starting the cluster again resumes after the last epoch
+    saved. `cluster_position()` says which worker is the chief.
 
     Returns:
         A `TrainingRun`: `progress`, `history`, `stop()`, `join()`, `done`.
@@ -433,8 +366,6 @@ def train_in_background(
                            "background; stop() and join() that run first.")
     callbacks = list(callbacks)
     own, publishers = _publishers(publish_to, callbacks)
-    from keras_tandem.training import _multiworker
-
     strategy = _multiworker.multi_worker_strategy(model)
     if strategy is not None:
         # Keras 3's fit fails under this strategy (keras-team/keras#20585): our own loop.

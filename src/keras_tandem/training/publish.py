@@ -56,8 +56,8 @@ class _WeightReader:
     """Reads a model's weights, like `get_weights()`, in one traced TensorFlow call.
 
     `get_weights()` makes one eager read per variable; on the training thread,
-    with other threads contending for the GIL, each costs a round trip (about
-    20 ms for MobileNetV2's 262 variables against 5 ms in one call). The values
+    with other threads contending for the GIL, each costs a round trip, and a
+    model with hundreds of variables stalls training for all of them. The values
     are the same snapshot: TensorFlow copies a variable's buffer before
     updating it while a read still holds it. Falls back to `get_weights()` for
     anything the traced call cannot read (e.g. distributed variables).
