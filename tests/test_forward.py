@@ -4,9 +4,12 @@ Each private TensorFlow call the fast paths use is broken here in turn (it
 raises, disappears, changes its signature or gives wrong answers), as a
 TensorFlow release might break it. The Predictor must still build, answer
 like `model.predict`, report the slower path in `stats()` and warn once.
+When the traced pass itself cannot run a model, the Predictor falls back to
+its own copy of the model ("keras copy"), with the same guarantees.
 """
 
 import logging
+import threading
 import warnings
 
 import keras
@@ -14,9 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _zoo import ZOO
 from keras_tandem import Predictor
 from keras_tandem.server._metrics import BatchSizeHistogram, ServerMetrics
-from keras_tandem.serving import _forward, _tf_private
+from keras_tandem.serving import _forward, _forward_choice, _forward_keras, _tf_private
 from keras_tandem.serving._forward_tf import TensorFlowForward
 from keras_tandem.serving.specs import bucket_sizes
 
@@ -39,6 +43,7 @@ def model():
 def fresh_warnings(monkeypatch):
     # Fallback warnings are once per process: each test starts from none given.
     monkeypatch.setattr(_tf_private, "_WARNED", set())
+    monkeypatch.setattr(_forward_choice, "_WARNED", set())
 
 
 def fallback_warnings(record):
@@ -210,8 +215,8 @@ def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatc
         warnings.simplefilter("always")
         stats = serve_and_check(model, input_signature=keras.Input((8,)))
     assert (stats["call_path"], stats["executor"]) == ("call op", "default")
-    (warning,) = fallback_warnings(record)
-    assert "inline executor" in str(warning.message)
+    # The model's own control flow, not a change in TensorFlow: said at INFO, no warning.
+    assert not fallback_warnings(record)
 
 
 # ------------------------------------------------------------ the backend seam
@@ -223,10 +228,131 @@ def test_tensorflow_backend_implements_the_forward_pass_interface(model):
         assert isinstance(p._forward, _forward.ForwardPass)
 
 
-def test_another_backend_is_refused_by_name(model, monkeypatch):
+def test_another_backend_runs_a_keras_copy_and_says_why(model, monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(NotImplementedError, match="'jax' backend"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+    assert stats["call_path"] == "keras copy"
+    (warning,) = fallback_warnings(record)
+    assert "'jax' backend" in str(warning.message)
+
+
+# ------------------------------------------- the fallback: a copy of the model
+
+
+def trace_fails(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("cannot trace this model")
+    monkeypatch.setattr(TensorFlowForward, "__init__", refuse)
+
+
+def test_a_model_the_traced_pass_cannot_run_is_served_by_a_copy_warned_once(
+        model, monkeypatch, caplog):
+    trace_fails(monkeypatch)
+    caplog.set_level(logging.INFO, logger="keras_tandem.serving")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+        again = serve_and_check(model)
+    assert stats["call_path"] == again["call_path"] == "keras copy"
+    (warning,) = fallback_warnings(record)  # once per process for one reason
+    assert "cannot trace this model" in str(warning.message)
+    logged = [r for r in caplog.records if r.name == "keras_tandem.serving"]
+    assert [r.levelno for r in logged] == [logging.WARNING] * 2  # one per Predictor
+    assert all("'keras copy'" in r.getMessage() for r in logged)
+
+
+def test_a_traced_pass_whose_answers_differ_from_the_model_is_not_used(model, monkeypatch):
+    real_run = TensorFlowForward.run
+    monkeypatch.setattr(TensorFlowForward, "run",
+                        lambda self, bucket: [o + 1.0 for o in real_run(self, bucket)])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model)
+    assert stats["call_path"] == "keras copy"
+    (warning,) = fallback_warnings(record)
+    assert "differs from the model's own" in str(warning.message)
+
+
+def test_the_copy_keeps_one_weight_version_per_answer(monkeypatch):
+    trace_fails(monkeypatch)
+    served, newer = mlp(0), mlp(1)
+    x = np.random.default_rng(1).random((6, 8)).astype("float32")
+    before, after = served.predict(x, verbose=0), newer.predict(x, verbose=0)
+    with Predictor(served, max_batch_size=4) as p:
+        served.set_weights(newer.get_weights())  # the original changes: answers do not
+        got, version = p.predict(x, return_version=True)
+        np.testing.assert_allclose(got, before, rtol=1e-5, atol=1e-6)
+        assert version == 0
+        assert p.update_weights(newer) == 1
+        got, version = p.predict(x, return_version=True)  # split in 2 chunks: one version
+        np.testing.assert_allclose(got, after, rtol=1e-5, atol=1e-6)
+        assert version == 1
+
+
+def test_the_copy_answers_many_threads(model, monkeypatch):
+    trace_fails(monkeypatch)
+    x = np.random.default_rng(2).random((8, 8)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    results = [None] * 8
+    with Predictor(model, max_batch_size=8) as p:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, p.predict(x[i])))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert p.stats()["call_path"] == "keras copy"
+    np.testing.assert_allclose(np.stack(results), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_text_model_is_copied_with_its_vocabulary(monkeypatch):
+    # A clone has the adapted TextVectorization's layers but not its lookup
+    # table: its answers fail the check, and the save-and-load copy is used.
+    trace_fails(monkeypatch)
+    zoo = ZOO["text_vectorization"]()
+    x = zoo.make_inputs(5)
+    expected = zoo.model.predict(x, verbose=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with Predictor(zoo.model, max_batch_size=8) as p:
+            np.testing.assert_allclose(p.predict(x), expected, rtol=1e-5, atol=1e-6)
+            assert p._forward.copied_by == "save and load"
+    assert "copied by save and load" in str(fallback_warnings(record)[0].message)
+
+
+@pytest.mark.parametrize("kind", ["dict_outputs", "multi_output", "string_lookup_invert",
+                                  "subclassed", "custom_layer_underscore"])
+def test_the_copy_returns_what_the_model_returns(kind, monkeypatch):
+    trace_fails(monkeypatch)
+    zoo = ZOO[kind]()
+    x = zoo.make_inputs(3)
+    expected = zoo.model.predict(x, verbose=0)
+    with Predictor(zoo.model, max_batch_size=4) as p:
+        got = p.predict(x)
+        assert p.stats()["call_path"] == "keras copy"
+    assert type(got) is type(expected)
+    for g, e in zip(keras.tree.flatten(got), keras.tree.flatten(expected)):
+        if e.dtype.kind == "O":
+            np.testing.assert_array_equal(g, e)
+        else:
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_when_nothing_runs_the_model_the_error_says_what_each_way_met(model, monkeypatch):
+    trace_fails(monkeypatch)
+
+    def no_copy(model):
+        raise TypeError("not serializable")
+    monkeypatch.setattr(_forward_keras, "_clone", no_copy)
+    monkeypatch.setattr(_forward_keras, "_save_and_load", no_copy)
+    with pytest.raises(RuntimeError) as caught:
         Predictor(model, max_batch_size=4)
+    message = str(caught.value)
+    assert "cannot trace this model" in message
+    assert "clone: TypeError: not serializable" in message
+    assert "save and load: TypeError: not serializable" in message
 
 
 def test_no_numpy_deprecation_warnings_from_the_weight_snapshot(model):
@@ -283,3 +409,24 @@ def test_server_batch_size_histogram_uses_the_forward_pass_buckets():
     assert 'keras_tandem_batch_size_bucket{le="100",model="m"} 3.0' in text
     assert 'keras_tandem_batch_size_bucket{le="64",model="m"} 0.0' in text
     assert 'le="128"' not in text
+
+
+def test_a_model_that_samples_at_inference_keeps_the_traced_pass():
+    # Its own answers vary from call to call, so they check nothing: the
+    # traced pass is kept rather than refused for differing.
+    class Noise(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.seeds = keras.random.SeedGenerator(1)
+
+        def call(self, x):
+            return x + keras.random.normal(keras.ops.shape(x), seed=self.seeds)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(Noise()(inputs)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with Predictor(model, max_batch_size=4) as p:
+            assert p.predict(np.ones(4, np.float32)).shape == (2,)
+            assert p.stats()["call_path"] == "call op"
+    assert fallback_warnings(record) == []

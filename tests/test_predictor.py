@@ -483,3 +483,106 @@ def test_model_with_control_flow():
         for x in (np.ones((2, 4)), -np.ones((2, 4))):
             np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-5)
 
+
+
+# ------------------------------------------------------------ strings, building
+
+
+def text_model():
+    keras.utils.set_random_seed(0)
+    vectorize = keras.layers.TextVectorization(max_tokens=12, output_sequence_length=4)
+    vectorize.adapt(np.array(["the cat sat", "on the mat", "a dog ran far"]))
+    text = keras.Input((), dtype="string", name="text")
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(12, 4)(vectorize(text)))
+    return keras.Model(text, keras.layers.Dense(2)(x))
+
+
+def test_string_requests_answer_as_model_predict():
+    model = text_model()
+    texts = ["the cat", "a dog ran", "", "unknown words here", "mat"]
+    expected = model.predict(np.array(texts, dtype=object), verbose=0)
+    with Predictor(model, max_batch_size=4) as p:  # 5 rows: two chunks
+        np.testing.assert_allclose(p.predict(texts), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict(np.array(texts)), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict([t.encode() for t in texts]), expected,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict("a dog ran"), expected[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.predict(b"a dog ran"), expected[1], rtol=1e-5, atol=1e-6)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(p.predict, texts * 4))
+        np.testing.assert_allclose(np.stack(answers), np.concatenate([expected] * 4),
+                                   rtol=1e-5, atol=1e-6)
+        assert p.stats()["call_path"] == "call op"
+
+
+def test_a_number_for_a_string_input_fails_only_its_own_request():
+    with Predictor(text_model()) as p:
+        with pytest.raises(InvalidInputError) as info:
+            p.predict(np.array([1, 2]))
+        assert p.predict("the cat").shape == (2,)
+        assert p.stats()["invalid_inputs"] == 1
+    message = str(info.value)
+    assert "Input 'text'" in message and "int64" in message
+    assert "strings (str or bytes)" in message
+
+
+def test_string_batches_are_padded_with_empty_strings():
+    seen = []
+
+    class Recording(keras.layers.Layer):
+        def call(self, x):
+            def record(a):
+                seen.append(a.copy())
+                return a
+            y = tf.numpy_function(record, [x], tf.string, stateful=True)
+            y.set_shape(x.shape)
+            return tf.strings.length(y)
+
+    text = keras.Input((), dtype="string")
+    model = keras.Model(text, Recording()(text))
+    with Predictor(model, max_batch_size=8) as p:
+        p.predict(["seven"] * 7)
+        np.testing.assert_array_equal(p.predict(["abc", "de", "f"]), [3, 2, 1])
+    last = seen[-1]
+    assert list(last) == [b"abc", b"de", b"f", b""]  # bucket of 3 rows is 4
+
+
+def test_a_subclassed_model_never_called_is_built_from_input_signature():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = keras.layers.Dense(5, activation="tanh")
+            self.d2 = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    model = Sub()
+    assert not model.built
+    with Predictor(model, max_batch_size=4, input_signature=keras.Input((10,))) as p:
+        assert model.built
+        x = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+        np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-6)
+        assert p.stats()["call_path"] == "call op"
+
+
+def test_a_wrong_input_signature_for_an_unbuilt_model_says_what_to_do():
+    model = keras.Sequential([keras.layers.Dense(2), keras.layers.Reshape((3,))])
+    with pytest.raises(ValueError, match="input_signature"):
+        Predictor(model, input_signature=keras.Input((4,)))
+
+
+def test_a_layer_class_named_with_an_underscore_runs_on_the_fast_path():
+    class _Scale(keras.layers.Layer):  # TensorFlow refuses '__scale' as a root scope
+        def build(self, input_shape):
+            self.factor = self.add_weight(shape=(), initializer="ones")
+
+        def call(self, x):
+            return x * self.factor
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_Scale()(inputs)))
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    with Predictor(model, max_batch_size=4) as p:
+        np.testing.assert_allclose(p.predict(x), reference(model, x), rtol=1e-5, atol=1e-6)
+        assert p.stats()["call_path"] == "call op"

@@ -104,6 +104,12 @@ def test_shape_errors_name_the_input_and_the_expected_shapes():
     ("object", "float32", False),
     ("<U3", "<U5", True),  # a kind the table does not list takes its own kind only
     ("float32", "<U5", False),
+    ("<U3", "object", True),  # str, bytes and objects into a string input
+    ("|S3", "object", True),
+    ("object", "object", True),
+    ("float32", "object", False),
+    ("int64", "object", False),
+    ("bool", "object", False),
 ])
 def test_castable_is_the_one_table(source, target, ok):
     assert castable(source, target) is ok
@@ -171,3 +177,93 @@ def test_array_specs_are_frozen():
     spec = ArraySpec("x", (2,), np.dtype("float32"))
     with pytest.raises(AttributeError):
         spec.name = "y"
+
+
+# ------------------------------------------------------------------ strings
+
+TEXT = ArraySpec("text", (), np.dtype(object))
+WORDS = ArraySpec("words", (2,), np.dtype(object))
+
+
+@pytest.mark.parametrize("request_, rows, single, expected", [
+    ("a short text", 1, True, ["a short text"]),
+    (b"bytes", 1, True, [b"bytes"]),
+    (np.str_("numpy str"), 1, True, ["numpy str"]),
+    (["one", "two"], 2, False, ["one", "two"]),
+    (["str", b"bytes"], 2, False, ["str", b"bytes"]),  # bytes stay bytes, not "b'bytes'"
+    (np.array(["u", "v"]), 2, False, ["u", "v"]),
+    (np.array([b"s", b"t"]), 2, False, [b"s", b"t"]),
+    (np.array(["o", b"p"], dtype=object), 2, False, ["o", b"p"]),
+])
+def test_a_string_input_takes_str_bytes_lists_and_arrays(request_, rows, single, expected):
+    sig = InputSignature([TEXT], "single")
+    (arr,), n, one = sig.parse(request_)
+    assert (n, one) == (rows, single)
+    assert arr.dtype == np.dtype(object)
+    assert list(np.atleast_1d(arr)) == expected
+    assert all(type(v) in (str, bytes) for v in np.atleast_1d(arr))
+
+
+def test_a_string_input_with_a_shape_takes_one_example_or_a_batch():
+    sig = InputSignature([WORDS], "single")
+    assert sig.parse(["a", "b"])[1:] == (1, True)
+    assert sig.parse([["a", "b"], ["c", "d"], ["e", "f"]])[1:] == (3, False)
+    with pytest.raises(InvalidInputError, match=r"Input 'words' got shape \(3,\)"):
+        sig.parse(["a", "b", "c"])
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (3, "int 3: expected"),
+    ([1.5, 2.5], "float 1.5 at flat position 0"),
+    (np.array([1, 2]), "int64 values"),
+    (np.array(["a", None], dtype=object), "NoneType None at flat position 1"),
+    (["a", 7], "int 7 at flat position 1"),
+    ([["a", "b"], ["c"]], "list"),
+])
+def test_numbers_for_a_string_input_name_the_input_and_what_it_takes(bad, fragment):
+    sig = InputSignature([TEXT], "single")
+    with pytest.raises(InvalidInputError) as info:
+        sig.parse(bad)
+    message = str(info.value)
+    assert "Input 'text'" in message and fragment in message
+    assert "strings (str or bytes)" in message
+
+
+def test_a_string_for_a_number_input_is_refused_by_name():
+    sig = InputSignature([ArraySpec("x", (), np.dtype("float32"))], "single")
+    with pytest.raises(InvalidInputError, match=r"Input 'x' got strings .*float32"):
+        sig.parse("1.5")
+
+
+def test_strings_inside_dict_and_list_requests():
+    fields = [ArraySpec("text", (), np.dtype(object)), ArraySpec("n", (2,), np.dtype("float32"))]
+    for structure, request_ in [("dict", {"text": ["a", b"b"], "n": [[1, 2], [3, 4]]}),
+                                ("list", [["a", b"b"], [[1, 2], [3, 4]]])]:
+        sig = InputSignature(fields, structure)
+        (text, n), rows, one = sig.parse(request_)
+        assert (rows, one) == (2, False)
+        assert list(text) == ["a", b"b"] and n.dtype == np.float32
+    with pytest.raises(InvalidInputError, match="Input 'text'"):
+        InputSignature(fields, "dict").parse({"text": [1, 2], "n": [[1, 2], [3, 4]]})
+
+
+def test_the_server_passes_strings_through_as_objects():
+    x, _ = parse_predict_body(b'{"instances": ["a short text", "another"]}', [TEXT])
+    assert x.dtype == np.dtype(object) and list(x) == ["a short text", "another"]
+    (arr,), rows, _ = InputSignature([TEXT], "single").parse(x)
+    assert rows == 2 and list(arr) == ["a short text", "another"]
+
+
+def test_inputs_and_outputs_of_string_models():
+    text = keras.Input((), dtype="string", name="text")
+    lookup = keras.layers.StringLookup(vocabulary=["a", "b", "c"])
+    model = keras.Model(text, keras.layers.Dense(2)(keras.layers.Embedding(4, 3)(lookup(text))))
+    with Predictor(model, max_batch_size=4) as p:
+        assert p.inputs == (ArraySpec("text", (), np.dtype(object)),)
+        assert [(s.shape, s.dtype) for s in p.outputs] == [((2,), np.dtype("float32"))]
+        assert p.predict("b").shape == (2,)
+    ids = keras.Input((3,), dtype="int64", name="ids")
+    words = keras.Model(ids, keras.layers.StringLookup(vocabulary=["a", "b"], invert=True)(ids))
+    with Predictor(words, max_batch_size=4) as p:
+        assert [(s.shape, s.dtype) for s in p.outputs] == [((3,), np.dtype(object))]
+        np.testing.assert_array_equal(p.predict(np.array([1, 2, 0])), [b"a", b"b", b"[UNK]"])

@@ -30,7 +30,8 @@ class Request:
     """One caller's rows, waiting for an answer.
 
     `arrays` holds the rows as one flat, C-contiguous byte view per model
-    input, ready to be copied into the batch buffer.
+    input, ready to be copied into the batch buffer (for a string input, the
+    object array of its rows).
 
     Exactly one of `waiter` (a held lock, released when the answer is ready)
     and `future` is set. `more_follow` marks a chunk of a split request that

@@ -7,19 +7,26 @@ Separation of concerns:
   checking new weights, and naming the outputs. A backend implements the
   rest: tracing, running a bucket, holding and swapping the serving copy of
   the weights, and the scope the worker runs in.
-- `_forward_tf.TensorFlowForward` is the TensorFlow backend. Others (JAX,
-  PyTorch) go beside it, one file each, and are chosen by `make_forward`.
+- `_forward_tf.TensorFlowForward` is the TensorFlow backend's fast pass.
+  Others (JAX, PyTorch) go beside it, one file each, and are chosen by
+  `make_forward`.
+- `_forward_keras.KerasCopyForward` is the fallback for any backend: a copy
+  of the model run by Keras' own predict step. Slower, and right wherever
+  `model.predict` is.
+- `_forward_choice.make_forward` builds a model that was never called, picks
+  the pass, and checks the fast one's answers against an eager call of the
+  model before trusting it.
 - `bucket_sizes` is the one definition of the batch-size buckets; the
   server's batch-size histogram uses the same bounds.
 
-Nothing here imports a backend: only `make_forward` does, once, on the
-worker thread.
+Nothing here imports a backend.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,8 +87,15 @@ def variable_value(v: Any) -> np.ndarray:
 
 
 def _aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zeroed C-contiguous array whose data starts on an `_ALIGN`-byte boundary."""
+    """A zeroed C-contiguous array whose data starts on an `_ALIGN`-byte boundary.
+
+    A string (object) array holds references, not bytes: it is filled with
+    empty strings instead, and its alignment does not matter (no backend
+    shares its memory).
+    """
     dtype = np.dtype(dtype)
+    if dtype.kind == "O":
+        return np.full(shape, b"", dtype=object)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.zeros(nbytes + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
@@ -164,8 +178,10 @@ class ForwardPass(abc.ABC):
                 b += 1
             self.bucket_of[n] = self.buckets[b]
         self.buffers = [_aligned_zeros((max_rows, *f.shape), f.dtype) for f in signature.fields]
-        self._buffer_bytes = [memoryview(b.reshape(-1).view(np.uint8)) for b in self.buffers]
-        self._row_bytes = [b[0].nbytes for b in self.buffers]
+        # String (object) buffers hold references: copied by NumPy, padded with b"".
+        self._buffer_bytes = [None if b.dtype.kind == "O" else
+                              memoryview(b.reshape(-1).view(np.uint8)) for b in self.buffers]
+        self._row_bytes = [0 if b.dtype.kind == "O" else b[0].nbytes for b in self.buffers]
         pad_bytes = max(self._row_bytes) * max_rows
         self._zeros = memoryview(bytes(pad_bytes)) if pad_bytes <= _ZERO_BYTES_MAX else None
         self.layout = weight_layout(model)
@@ -208,14 +224,20 @@ class ForwardPass(abc.ABC):
 
         Plain memcpy through byte views: unlike a NumPy copy of this size, it
         keeps the GIL, so the worker does not queue behind every client
-        thread to get it back before the forward pass.
+        thread to get it back before the forward pass. String inputs are
+        object arrays (references, which a byte copy would not count): they
+        are copied by NumPy and padded with empty strings.
 
         Args:
-            requests: objects whose `arrays` are flat byte views, one per input.
+            requests: objects whose `arrays` are, per input, a flat byte view
+                (numbers) or an object array of rows (strings).
             rows: their rows in all.
             bucket: the batch size the forward pass runs at (>= rows).
         """
         for k, view in enumerate(self._buffer_bytes):
+            if view is None:
+                self._fill_objects(k, requests, rows, bucket)
+                continue
             pos = 0
             for r in requests:
                 data = r.arrays[k]
@@ -228,6 +250,16 @@ class ForwardPass(abc.ABC):
                     view[pos:pad_end] = self._zeros[:pad_end - pos]
                 else:
                     self.buffers[k][rows:bucket] = 0
+
+    def _fill_objects(self, k: int, requests: Sequence[Any], rows: int, bucket: int) -> None:
+        buffer = self.buffers[k]
+        pos = 0
+        for r in requests:
+            data = r.arrays[k]
+            buffer[pos:pos + len(data)] = data
+            pos += len(data)
+        if rows < bucket:
+            buffer[rows:bucket] = b""
 
     def check_weights(self, arrays: Sequence[Any]) -> list[np.ndarray]:
         """Checks arrays against the model's weights and copies them.
@@ -274,31 +306,50 @@ class ForwardPass(abc.ABC):
         return output
 
 
-def make_forward(model: Any, signature: InputSignature, max_rows: int,
-                 jit_compile: bool = False) -> ForwardPass:
-    """The forward pass for the Keras backend this process runs, traced and warmed up.
+# ------------------------------------------------- helpers the passes share
 
-    Args:
-        model: a built Keras model.
-        signature: its `InputSignature`.
-        max_rows: the largest batch (rows) the worker will run.
-        jit_compile: compile with XLA (one trace per bucket).
+_WORDS = np.array([b"a", b"the cat", b"", b"xyz 12"], dtype=object)
 
-    Returns:
-        The backend's `ForwardPass`.
 
-    Raises:
-        NotImplementedError: Keras runs on a backend without one yet.
+def pattern(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Rows whose values differ from row to row, valid for most models.
+
+    Floats cycle through 0..6; integers and booleans through 0 and 1 (a token
+    id or class index any vocabulary has); strings through a few words.
+    Used for warm-up and for checking a pass's answers: a mix-up of rows or
+    inputs shows, where zeros would hide it.
     """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    if dtype.kind == "O":
+        return _WORDS[np.arange(size) % len(_WORDS)].reshape(shape)
+    cycle = 7 if dtype.kind in "fc" else 2
+    return (np.arange(size) % cycle).astype(dtype).reshape(shape)
+
+
+def to_tensors(arrays: Sequence[np.ndarray], fields: Sequence[ArraySpec]) -> list[Any]:
+    """Backend tensors of per-input arrays (strings as the backend's string tensors)."""
     import keras
 
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        from keras_tandem.serving._forward_tf import TensorFlowForward
+    return [keras.ops.convert_to_tensor(a, dtype="string" if f.is_string else f.dtype.name)
+            for a, f in zip(arrays, fields)]
 
-        return TensorFlowForward(model, signature, max_rows, jit_compile)
-    raise NotImplementedError(
-        f"The Predictor's forward pass is implemented for Keras' TensorFlow backend only; this "
-        f"process runs Keras on the '{backend}' backend. Set KERAS_BACKEND=tensorflow before "
-        "Keras is first imported."
-    )
+
+def accepts_training(model: Any) -> bool:
+    """Whether the model's `call` takes `training` (Keras hands it on only then)."""
+    params = inspect.signature(model.call).parameters
+    return "training" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_model(model: Any, inputs: Any) -> Any:
+    """Calls the model eagerly for inference, as `model.predict` does (`training=False`)."""
+    if accepts_training(model):
+        return model(inputs, training=False)
+    return model(inputs)
+
+
+def zero_rows(signature: InputSignature, rows: int = 1) -> list[np.ndarray]:
+    """Per input, `rows` rows of zeros (empty strings for string inputs)."""
+    return [np.full((rows, *f.shape), b"", object) if f.is_string
+            else np.zeros((rows, *f.shape), f.dtype) for f in signature.fields]

@@ -13,7 +13,6 @@ process-wide lock.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -23,19 +22,15 @@ import numpy as np
 from keras_tandem.serving import _tf_private
 from keras_tandem.serving._forward import (
     ForwardPass,
+    accepts_training,
     name_outputs,
     output_names,
+    pattern,
     variable_value,
 )
 from keras_tandem.serving._signature import ArraySpec, InputSignature, to_numpy_dtype
 
 _TRACE_LOCK = threading.Lock()
-
-
-def _accepts_training(model: Any) -> bool:
-    params = inspect.signature(model.call).parameters
-    return "training" in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class TensorFlowForward(ForwardPass):
@@ -62,12 +57,16 @@ class TensorFlowForward(ForwardPass):
             self._trainable, self._non_trainable = trainable, non_trainable
 
             # stateless_call hands `training` straight to call(), which need not take it.
-            call_kwargs = {"training": False} if _accepts_training(model) else {}
+            call_kwargs = {"training": False} if accepts_training(model) else {}
 
             def forward(trainable, non_trainable, inputs):
                 self.traces += 1  # runs at trace time only
-                outputs, _ = model.stateless_call(trainable, non_trainable, inputs,
-                                                  **call_kwargs)
+                # Inside a scope, as Keras' own predict step runs: a layer's scope
+                # would otherwise be a root scope, and TensorFlow refuses some
+                # names there (a class `_Scale` gives '__scale').
+                with tf.name_scope("predictor"):
+                    outputs, _ = model.stateless_call(trainable, non_trainable, inputs,
+                                                      **call_kwargs)
                 return outputs
 
             fn = tf.function(forward, jit_compile=jit_compile)
@@ -75,8 +74,9 @@ class TensorFlowForward(ForwardPass):
                           [tf.TensorSpec(t.shape, t.dtype) for t in non_trainable])
 
             def input_sig(rows):
-                return signature.pack([tf.TensorSpec((rows, *f.shape), f.dtype)
-                                       for f in signature.fields])
+                return signature.pack([
+                    tf.TensorSpec((rows, *f.shape), tf.string if f.is_string else f.dtype)
+                    for f in signature.fields])
 
             if jit_compile:
                 fns = {b: fn.get_concrete_function(*weight_sig, input_sig(b))
@@ -134,8 +134,7 @@ class TensorFlowForward(ForwardPass):
         # rows (not zeros) make a mix-up of rows or inputs show.
         patterned = [b for b in self.buffers if b.dtype.kind in "fiub"]
         for b in patterned:
-            flat = b.reshape(-1)
-            flat[:] = (np.arange(flat.size) % 7).astype(b.dtype)
+            b[:] = pattern(b.shape, b.dtype)
         try:
             args = {b: self._args(b) for b in self.buckets}
             # XLA-compiled functions run on the calling thread already, and

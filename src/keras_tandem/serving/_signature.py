@@ -5,6 +5,8 @@ Separation of concerns:
   per-example shape, NumPy dtype (`Predictor.inputs` and `Predictor.outputs`).
 - `castable` is the one table of which dtypes a model input accepts by casting
   (the server's JSON parsing asks it too).
+- String inputs and outputs have the NumPy dtype `object` (holding `str` or
+  `bytes`), which is what TensorFlow hands back for its `string` tensors.
 - `InputSignature` owns the model's inputs and the structure (one tensor, a
   list or a dict) the model is called with; `InputSignature.parse` turns one
   request (an array, nested lists, a list or dict of those) into flat arrays
@@ -25,9 +27,13 @@ from keras_tandem.errors import InvalidInputError
 
 # Which NumPy dtype kinds can be cast sensibly into a model input of each kind,
 # the way Keras accepts them: integers and booleans into floats, booleans into
-# integers. Strings, objects, complex numbers and floats into integers are not.
-# Kinds not listed take only their own kind.
-_CASTABLE_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b"}
+# integers; str, bytes and objects into a string input (object dtype), whose
+# elements `InputSignature.parse` then checks one by one. Strings into numbers,
+# complex numbers and floats into integers are not. Kinds not listed take only
+# their own kind.
+_CASTABLE_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b", "O": "USO"}
+_STRING_TYPES = (str, bytes)
+STRING_DTYPE = np.dtype(object)
 
 
 def castable(source: Any, target: Any) -> bool:
@@ -39,8 +45,9 @@ def castable(source: Any, target: Any) -> bool:
 
     Returns:
         True for the same kind, integers and booleans into floats, booleans
-        into integers; False for floats into integers, strings, objects,
-        complex numbers and the like.
+        into integers, str, bytes and objects into a string input (object
+        dtype); False for floats into integers, strings or objects into
+        numbers, complex numbers and the like.
     """
     kind = np.dtype(target).kind
     return np.dtype(source).kind in _CASTABLE_KINDS.get(kind, kind)
@@ -55,7 +62,8 @@ class ArraySpec:
             output name, or `output_0`, `output_1`, ...).
         shape: the shape of one example, without the batch axis (`None`
             where an output's size is known only at run time).
-        dtype: the NumPy dtype.
+        dtype: the NumPy dtype; `object` for strings (elements `str` or
+            `bytes`; answers hold `bytes`).
     """
 
     name: str
@@ -64,13 +72,25 @@ class ArraySpec:
 
     def describe(self) -> str:
         """Says what this input accepts, for error messages."""
-        batch = "(" + ", ".join(["n", *map(str, self.shape)]) + ")"
-        return f"one example of shape {self.shape} or a batch of shape {batch}, {self.dtype}"
+        batch = "(" + ", ".join(["n", *map(str, self.shape)]) + ("" if self.shape else ",") + ")"
+        dtype = "strings (str or bytes)" if self.is_string else str(self.dtype)
+        return f"one example of shape {self.shape} or a batch of shape {batch}, {dtype}"
+
+    @property
+    def is_string(self) -> bool:
+        """Whether this is a string tensor (NumPy dtype `object`)."""
+        return self.dtype.kind == "O"
 
 
 def to_numpy_dtype(dtype: Any) -> np.dtype:
-    """The NumPy dtype of a Keras, TensorFlow or NumPy dtype (or its name)."""
+    """The NumPy dtype of a Keras, TensorFlow or NumPy dtype (or its name).
+
+    Strings (`"string"`, `tf.string`) become `object`, the dtype NumPy holds
+    `str` and `bytes` in.
+    """
     name = getattr(dtype, "name", dtype)
+    if name == "string":
+        return STRING_DTYPE
     try:
         return np.dtype(name)
     except TypeError:  # bfloat16 and friends live in ml_dtypes
@@ -242,7 +262,11 @@ class InputSignature:
                 f"Input '{field.name}' is None: expected {field.describe()}."
             )
         try:
-            arr = np.asarray(value)
+            if field.is_string and not isinstance(value, (np.ndarray, np.generic)):
+                # As objects: NumPy would turn bytes among str into "b'...'" text.
+                arr = np.asarray(value, dtype=object)
+            else:
+                arr = np.asarray(value)
         except (ValueError, TypeError) as e:
             raise InvalidInputError(
                 f"Input '{field.name}' is not a rectangular array (ragged nested lists?): "
@@ -255,7 +279,8 @@ class InputSignature:
                     "m": "timedeltas"}.get(kind, f"{arr.dtype} values")
             raise InvalidInputError(
                 f"Input '{field.name}' got {what} (dtype {arr.dtype}, shape {arr.shape}), which "
-                f"cannot be cast to the model's dtype {field.dtype}: expected {field.describe()}."
+                f"cannot be cast to the model's dtype "
+                f"{'string' if field.is_string else field.dtype}: expected {field.describe()}."
             )
         shape = arr.shape
         if shape == field.shape:
@@ -267,9 +292,24 @@ class InputSignature:
             raise InvalidInputError(
                 f"Input '{field.name}' got {hint} ({arr.dtype}): expected {field.describe()}."
             )
-        if arr.dtype != field.dtype:
+        if field.is_string:
+            if arr.dtype.kind == "O":
+                _check_strings(field, arr)
+            else:
+                arr = arr.astype(object)  # str_ and bytes_ become str and bytes
+        elif arr.dtype != field.dtype:
             arr = arr.astype(field.dtype)
         return arr, rows, one
+
+
+def _check_strings(field: ArraySpec, arr: np.ndarray) -> None:
+    for k, v in enumerate(arr.flat):
+        if not isinstance(v, _STRING_TYPES):
+            where = f" at flat position {k} of shape {arr.shape}" if arr.ndim else ""
+            raise InvalidInputError(
+                f"Input '{field.name}' got {type(v).__name__} {v!r:.40}{where}: expected "
+                f"{field.describe()}."
+            )
 
 
 def _name_of(spec: Any, default: str) -> str:

@@ -221,7 +221,7 @@ def fast_call(fns: Mapping[int, Any], args: Mapping[int, list[Any]], *,
     if inline_executor:
         # Compared with a tolerance: another executor may order a kernel's
         # work differently.
-        outputs, reason = _run(public, args, "inline", expected, exact=False)
+        outputs, reason = _run(public, args, "inline", expected, strict=False)
         if reason is None:
             executor, expected = "inline", outputs
         else:
@@ -236,7 +236,7 @@ def fast_call(fns: Mapping[int, Any], args: Mapping[int, list[Any]], *,
         except Exception as e:  # noqa: BLE001 - a private name moved: try the next way
             refused.append((way, _describe(e)))
             continue
-        _, reason = _run(candidate, args, executor, expected, exact=True)
+        _, reason = _run(candidate, args, executor, expected, strict=True)
         if reason is None:
             callers, path = candidate, way
             break
@@ -251,7 +251,7 @@ def _numpy(tensors: Sequence[Any]) -> list[np.ndarray]:
 
 
 def _run(callers: Mapping[int, Caller], args: Mapping[int, list[Any]], executor: str,
-         expected: Mapping[int, list[np.ndarray]], exact: bool
+         expected: Mapping[int, list[np.ndarray]], strict: bool
          ) -> tuple[dict[int, list[np.ndarray]], str | None]:
     """Runs every bucket's caller: its outputs, and None if they are as expected, else why not."""
     outputs = {}
@@ -259,7 +259,7 @@ def _run(callers: Mapping[int, Caller], args: Mapping[int, list[Any]], executor:
         with executor_scope(executor):
             for b, call in callers.items():
                 outputs[b] = got = _numpy(call(args[b]))
-                reason = _mismatch(got, expected[b], exact)
+                reason = _mismatch(got, expected[b], strict)
                 if reason is not None:
                     return outputs, f"{reason} at batch size {b}"
     except Exception as e:  # noqa: BLE001 - refused or moved: the caller tries the next way
@@ -267,14 +267,23 @@ def _run(callers: Mapping[int, Caller], args: Mapping[int, list[Any]], executor:
     return outputs, None
 
 
-def _mismatch(got: list[np.ndarray], expected: list[np.ndarray], exact: bool) -> str | None:
+def _mismatch(got: list[np.ndarray], expected: list[np.ndarray], strict: bool) -> str | None:
     if len(got) != len(expected):
         return f"{len(got)} outputs instead of {len(expected)}"
     for i, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or g.dtype != e.dtype:
             return f"output {i} is {g.dtype}{list(g.shape)} instead of {e.dtype}{list(e.shape)}"
-        if exact or e.dtype.kind not in "fc":
-            same = np.array_equal(g, e, equal_nan=e.dtype.kind in "fc")
+        if e.dtype.kind not in "fc":
+            same = np.array_equal(g, e)
+        elif strict:
+            # The same graph, called another way, may still round a kernel
+            # differently (TensorFlow optimizes a function called through
+            # PartitionedCall on its own): a few units in the last place of
+            # the output's scale. A mix-up of rows or inputs is far larger.
+            finite = np.abs(e[np.isfinite(e)])
+            scale = float(finite.max()) if finite.size else 0.0
+            same = np.allclose(g, e, rtol=0.0, atol=8 * float(np.finfo(e.dtype).eps) * scale,
+                               equal_nan=True)
         else:
             same = np.allclose(g, e, rtol=1e-5, atol=1e-6, equal_nan=True)
         if not same:
@@ -287,13 +296,23 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
+def _expected_refusal(way: str, reason: str) -> bool:
+    """Whether a refusal comes from the model's graph, not from a change in TensorFlow.
+
+    The inline executor refuses graphs with old-style control flow (`Switch`
+    ops, e.g. from `tf.debugging.assert_*`): that is the model's shape, said
+    once at INFO, not a warning that the private API moved.
+    """
+    return way == "inline executor" and "does not support switch op" in reason.lower()
+
+
 def _report(plan: CallPlan) -> None:
     executor = "TensorFlow's inline executor" if plan.executor == "inline" \
         else "TensorFlow's default executor"
     why = "; ".join(f"{way}: {reason}" for way, reason in plan.refused)
     log.info("The forward pass calls TensorFlow through '%s', on %s%s.", plan.path, executor,
              f" (refused: {why})" if why else "")
-    if not plan.refused:
+    if not plan.refused or all(_expected_refusal(way, reason) for way, reason in plan.refused):
         return
     # Once per process for each set of reasons: every Predictor of the
     # process would say the same.

@@ -6,7 +6,7 @@ Separation of concerns:
   the worker thread and its lifecycle (`close`, context manager).
 - `_batching.BatchQueue` holds queued requests and hands the worker batches.
 - `_forward.ForwardPass` is the forward pass as the worker uses it, whatever
-  the backend (`_forward.make_forward` picks it; `_forward_tf` is
+  the backend (`_forward_choice.make_forward` picks it; `_forward_tf` is
   TensorFlow's): the traced model, the serving copy of the weights (one
   version per batch), the batch buffers and buckets.
 - `_signature.InputSignature` knows the model's inputs and validates requests;
@@ -29,7 +29,8 @@ import numpy as np
 
 from keras_tandem.errors import PredictionFailed, PredictorClosed
 from keras_tandem.serving._batching import BatchQueue, Request
-from keras_tandem.serving._forward import ForwardPass, make_forward
+from keras_tandem.serving._forward import ForwardPass
+from keras_tandem.serving._forward_choice import make_forward
 from keras_tandem.serving._signature import ArraySpec, InputSignature
 from keras_tandem.serving._stats import ServingStats
 
@@ -73,7 +74,14 @@ class Predictor:
             drops runtime assertions, and its fixed shapes cost padding).
         input_signature: `keras.Input` tensor(s) or `tf.TensorSpec`(s) with
             the batch dimension; needed only for a subclassed model that
-            was never called.
+            was never called, which the Predictor then builds by calling it
+            once on a row of zeros (empty strings for string inputs).
+
+    String inputs (`TextVectorization`, `StringLookup`, ...) take `str` or
+    `bytes`, lists of them, or NumPy `str_`, `bytes_` and object arrays;
+    `inputs` and `outputs` list strings with dtype `object` (answers hold
+    `bytes`). A model the traced forward pass cannot run is served from a
+    copy of the model (see `stats()["call_path"]`), with a warning.
 
     Example:
 
@@ -106,8 +114,11 @@ class Predictor:
         self.max_batch_size = int(max_batch_size)
         self.timeout_s = float(timeout_s)
         self._signature = InputSignature.from_model(model, input_signature)
-        self._fast_field = self._signature.fields[0] if len(self._signature.fields) == 1 \
-            and self._signature.structure == "single" else None
+        # Requests of the model's own dtype skip parsing; strings are always
+        # checked one by one (an object array may hold anything).
+        first = self._signature.fields[0]
+        self._fast_field = first if len(self._signature.fields) == 1 \
+            and self._signature.structure == "single" and not first.is_string else None
         self._queue = BatchQueue(queue_size, self.max_batch_size, max_delay_ms / 1e3)
         self._stats = ServingStats()
         self._version = 0
@@ -287,8 +298,10 @@ class Predictor:
             (forward-pass traces since start; constant after warm-up),
             `call_path` (how each pass reaches the backend, chosen at
             warm-up: on TensorFlow "call op", else "direct", "call flat" or
-            "function" when a faster way was refused) and `executor`
-            ("inline" or "default").
+            "function" when a faster way was refused; "keras copy" when the
+            traced pass cannot run the model and the Predictor's own copy of
+            it runs Keras' predict step) and `executor` ("inline" or
+            "default").
         """
         s = self._stats.snapshot()
         s["queue_depth"] = len(self._queue)
@@ -475,6 +488,11 @@ class Predictor:
                 error.__cause__ = e
                 r.fail(error)
             return
+        # Counted before any caller is answered, so that stats() (and the
+        # server's metrics) already include every answer a caller has seen.
+        done = _now()
+        self._stats.record_batch(len(live), rows,
+                                 done - np.fromiter((r.enqueued for r in live), float, len(live)))
         pos = 0
         if forward.single_output:
             out = outputs[0]
@@ -495,15 +513,19 @@ class Predictor:
                 r.finish(pack([o[pos] if r.single else o[pos:pos + n] for o in outputs]),
                          version)
                 pos += n
-        done = _now()
-        self._stats.record_batch(len(live), rows,
-                                 done - np.fromiter((r.enqueued for r in live), float, len(live)))
 
 
-def _as_bytes(arrays) -> tuple[memoryview, ...]:
-    """Flat byte views of C-contiguous arrays: the worker copies them with a memcpy."""
+def _as_bytes(arrays) -> tuple[Any, ...]:
+    """Flat byte views of C-contiguous arrays: the worker copies them with a memcpy.
+
+    String (object) arrays hold references, not bytes: they stay arrays, which
+    the worker copies with NumPy.
+    """
     views = []
     for a in arrays:
+        if a.dtype.kind == "O":
+            views.append(a)
+            continue
         try:
             views.append(memoryview(a).cast("B"))
         except (TypeError, ValueError):  # dtypes the buffer protocol cannot name
