@@ -7,6 +7,7 @@ and come out as the JSON documents TF Serving's REST API defines
 """
 
 import json
+import warnings
 
 import numpy as np
 import orjson
@@ -20,6 +21,7 @@ from keras_tandem.server._protocol import (
     dumps,
     error_body,
     format_predictions,
+    json_safe,
     metadata_doc,
     parse_predict_body,
     version_status,
@@ -208,3 +210,91 @@ def test_metadata_document_describes_the_serving_default_signature():
     ]
     assert described(signature["outputs"]["score"]) == ("score", "DT_FLOAT", ["-1", "1"], False)
     assert described(signature["outputs"]["probs"]) == ("probs", "DT_DOUBLE", ["-1", "3"], False)
+
+
+# --------------------------------------------- large bodies, NaN and Infinity
+
+
+LARGE_CASES = [
+    {"instances": [[0.5, 1, 2, 3]] * 40},
+    {"instances": [[0.5, -1e39, 2, 1e39]] * 40},
+    {"inputs": [[0.5, 1, 2, 3]] * 40},
+    {"inputs": [0.5, 1, 2, 3]},
+    {"instances": [[0.5] * 5] * 40},  # wrong shape: the usual message
+    {"instances": [[0.5] * 4] * 40 + [[1.0] * 3]},  # ragged
+    {"instances": [0.5, 1, 2, 3] * 10},  # scalars, not examples
+    {"instances": [[0.5] * 4] * 40, "signature_name": "other"},
+    {"instances": [[0.5] * 4] * 40, "inputs": [[1] * 4]},
+    {"instances": [], "x": 1},
+    {"instances": [[True] * 4] * 40},
+    {"instances": [["a"] * 4] * 40},
+    {"signature_name": "", "instances": [[1, 2, 3, 4]] * 40, "z": {"instances": [1]}},
+]
+
+
+@pytest.mark.parametrize("doc", [
+    *LARGE_CASES,
+    b'{"instances": [[NaN, Infinity, -Infinity, 1]] }',
+    b'{"instances": [[1,2,3,4],[1,2,3,4]] , "x": [1',
+    b'{"instances":[[1,2,3,4],[1,2,3,4]]}x',
+    b'{"instances":[[1,2,3,4],[1,2,3,.4]]}',
+    b'{"instances":[[1,2,3,4],[1,2,3,4]' + b' ' * 100,
+])
+def test_large_bodies_decoded_in_pieces_give_what_the_whole_body_gives(doc):
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+
+    def outcome(data, chunk_bytes):
+        try:
+            x, fmt = parse_predict_body(data, ONE, chunk_bytes=chunk_bytes)
+        except InvalidInputError as e:
+            return "error", str(e)
+        return fmt, x
+
+    whole = outcome(body, 10**9)
+    for data in (body, bytearray(body)):
+        pieces = outcome(data, 16)  # many pieces, cut at many places
+        assert pieces[0] == whole[0]
+        if whole[0] == "error":
+            assert pieces[1] == whole[1]
+        else:
+            assert pieces[1].dtype == whole[1].dtype
+            np.testing.assert_array_equal(pieces[1], whole[1])
+    assert bytes(data) == body  # the bytearray was given back as it came
+
+
+@pytest.mark.parametrize("doc", [LARGE_CASES[0], LARGE_CASES[1], LARGE_CASES[2],
+                                 {"instances": [[[1, 2], [3, 4]]] * 30}])
+def test_a_large_numeric_body_never_goes_through_the_whole_body_decoder(doc, monkeypatch):
+    import keras_tandem.server._protocol as protocol
+
+    def refuse(body):
+        raise AssertionError("decoded whole")
+
+    monkeypatch.setattr(protocol, "_loads", refuse)
+    fields = ONE if "[[[" not in json.dumps(doc) else [spec("x", (2, 2))]
+    x, _ = parse_predict_body(json.dumps(doc).encode(), fields, chunk_bytes=16)
+    with np.errstate(over="ignore"):  # 1e39 into float32: Infinity, as the server does
+        expected = np.asarray(next(iter(doc.values())), np.float32)
+    np.testing.assert_array_equal(x, expected)
+
+
+def test_values_too_large_for_the_input_dtype_become_infinity_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for chunk_bytes in (16, 10**9):
+            x, _ = parse_predict_body(b'{"instances": [[1e39, -1e39, 1e400, NaN]]}', ONE,
+                                      chunk_bytes=chunk_bytes)
+            assert x.dtype == np.float32
+            assert x[0, :3].tolist() == [np.inf, -np.inf, np.inf] and np.isnan(x[0, 3])
+
+
+def test_non_finite_answers_are_written_as_tf_serving_writes_them():
+    out = np.array([[np.nan, np.inf], [-np.inf, 0.1]], np.float32)
+    assert format_predictions(out, OutputSpec("single", ("y",), ((2,),),
+                                              (np.dtype("float32"),)), ROW) == \
+        b'{"predictions":[[NaN,Infinity],[-Infinity,0.1]]}'
+    two = OutputSpec("dict", ("a", "b"), ((1,), (1,)), (np.dtype("float32"),) * 2)
+    body = format_predictions({"a": np.array([[np.nan]], np.float32),
+                               "b": np.array([[1.5]], np.float32)}, two, COLUMNAR)
+    assert body == b'{"outputs":{"a":[[NaN]],"b":[[1.5]]}}'
+    assert json_safe(np.array([0.1], np.float32)).dtype == np.float32  # finite: untouched

@@ -3,6 +3,7 @@
 Subcommands:
 - `tandem bench SCENARIO`: benchmarks, one module each in `keras_tandem.bench`.
 - `tandem demo`: train in the background while threads predict (see `demo.py`).
+- `tandem check MODEL`: will a model serve, with model.predict's answers (`check.py`).
 - `tandem serve`, `tandem worker` (a local multi-worker cluster, `cluster/launcher.py`),
   `tandem data-service dispatcher|worker` (`data/service.py`).
 """
@@ -24,10 +25,13 @@ BENCHES = {
     "train-serve": "keras_tandem.bench.train_serve",
     "pipeline": "keras_tandem.bench.pipeline",
     "scale": "keras_tandem.bench.scale",
+    "memory": "keras_tandem.bench.memory",
 }
 
 # Other subcommands -> module exposing add_arguments() and run().
 COMMANDS = {
+    "check": ("keras_tandem.check",
+              "check a model before serving: Predictor vs model.predict, speed"),
     "demo": ("keras_tandem.demo", "train a model in the background while threads predict"),
     "serve": ("keras_tandem.server.cli", "serve a model over HTTP (TF Serving's REST API)"),
     "worker": ("keras_tandem.cluster.launcher",

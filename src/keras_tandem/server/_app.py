@@ -8,10 +8,14 @@ Predictor's answers to the event loop with one wake-up per burst of answers
 logic lives here.
 
 Status codes: 400 bad JSON/shape/dtype (`InvalidInputError`), 404 unknown
-model/version/path, 405 wrong method, 413 body over the limit (from
+model/version/path, 405 wrong method, 408 a body that stopped arriving
+(`body_timeout_s` between two reads), 413 body over the limit (from
 `Content-Length`, before reading), 503 + `Retry-After` when overloaded,
-closing or not loaded yet, 504 past the Predictor's timeout, 500 when the
-forward pass failed.
+closing, not loaded yet, or when the request's bytes would take the bytes in
+flight past `max_inflight_bytes`, 504 past the Predictor's timeout, 500 when
+the forward pass failed. A client that goes away mid-request is counted with
+code 499 and kind `client_closed`, and logged at DEBUG. Unexpected errors
+are logged through a `RateLimitedLog` (one traceback per interval).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
+from keras_tandem.server._limits import InflightBytes, RateLimitedLog, release_free_memory
 from keras_tandem.server._metrics import CONTENT_TYPE, ServerMetrics
 from keras_tandem.server._protocol import dumps, error_body, format_predictions, metadata_doc
 from keras_tandem.server._protocol import parse_predict_body as _parse
@@ -39,6 +45,9 @@ _now = time.perf_counter
 # Bodies (and answers) larger than this are decoded (encoded) on a worker
 # thread, so one huge request does not stall the event loop for the others.
 _OFFLOAD_BYTES = 256 * 1024
+# Once no request is in flight after one this large, the heap's free pages go
+# back to the system (`release_free_memory`).
+_TRIM_BYTES = 4 * 1024 * 1024
 # The Predictor enforces its timeout_s when a batch starts; past it (plus
 # this margin) the server gives up on a request whose batch never started.
 _DEADLINE_MARGIN_S = 0.25
@@ -139,14 +148,22 @@ class ModelApp:
         metrics: its `ServerMetrics`.
         max_body_bytes: largest request body accepted (413 beyond it).
         retry_after_s: the `Retry-After` sent with 503.
+        max_inflight_bytes: the most request bytes read, decoded and served
+            at once (503 beyond it; a lone request always gets through).
+        body_timeout_s: the longest wait for the next part of a body (408).
+        logs: where unexpected errors are logged (rate-limited).
     """
 
     def __init__(self, served: ServedModel, metrics: ServerMetrics, max_body_bytes: int,
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, max_inflight_bytes: int | None = None,
+                 body_timeout_s: float = 60.0, logs: RateLimitedLog | None = None):
         self.served = served
         self.metrics = metrics
         self.max_body_bytes = int(max_body_bytes)
         self.retry_after_s = int(retry_after_s)
+        self.inflight = InflightBytes(max_inflight_bytes or 4 * self.max_body_bytes)
+        self.body_timeout_s = float(body_timeout_s)
+        self.logs = logs or RateLimitedLog(log)
         self._bridge: _Bridge | None = None
         self._sampler: asyncio.TimerHandle | None = None
 
@@ -179,8 +196,10 @@ class ModelApp:
     def _schedule_sample(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             self.metrics.sample()
+            self.logs.flush()
         except Exception:  # metrics must never take the server down
-            log.exception("sampling the Predictor's stats failed")
+            self.logs.log("sample", logging.ERROR, "sampling the Predictor's stats failed",
+                          exc_info=True)
         self._sampler = loop.call_later(0.5, self._schedule_sample, loop)
 
     @web.middleware
@@ -201,7 +220,8 @@ class ModelApp:
                 resp.headers["Allow"] = e.headers["Allow"]
             return resp
         except Exception as e:  # a bug answers 500 JSON
-            log.exception("%s %s failed unexpectedly", request.method, request.path)
+            self.logs.log("internal", logging.ERROR, "%s %s failed unexpectedly",
+                          request.method, request.path, exc_info=True)
             err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
             self.metrics.observe("other", 500, error_kind=err.kind)
             return err.response()
@@ -217,31 +237,106 @@ class ModelApp:
     async def predict(self, request: web.Request) -> web.Response:
         """`POST /v1/models/{name}[/versions/{v}]:predict`."""
         t0 = _now()
+        reserved = [0]  # request bytes taken from the in-flight budget
         try:
-            resp = await self._predict(request)
+            resp = await self._predict(request, reserved)
         except _Error as e:
             self.metrics.observe("predict", e.status, _now() - t0, e.kind)
-            return e.response(close=e.status == 413)
+            return e.response(close=e.status in (408, 413) or e.kind == "inflight_bytes")
+        except (ConnectionError, RequestPayloadError) as e:
+            if isinstance(e, RequestPayloadError) and request.transport is not None:
+                self.metrics.observe("predict", 400, _now() - t0, "invalid_input")
+                return _Error(400, f"Malformed request body: {e}", "invalid_input").response(
+                    close=True)
+            return self._client_closed(t0, e)
         except Exception as e:  # a bug answers 500 JSON, not a dropped socket
-            log.exception("predict failed unexpectedly")
+            self.logs.log("internal", logging.ERROR, "predict failed unexpectedly",
+                          exc_info=True)
             err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
             self.metrics.observe("predict", 500, _now() - t0, err.kind)
             return err.response()
+        finally:
+            self.inflight.give(reserved[0])
+            if reserved[0] >= _TRIM_BYTES and not self.inflight.used:
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+        if request.transport is None:  # the client left while its answer was computed
+            return self._client_closed(t0, None)
         self.metrics.observe("predict", 200, _now() - t0)
         return resp
 
-    async def _predict(self, request: web.Request) -> web.Response:
+    def _client_closed(self, t0: float, error: BaseException | None) -> web.Response:
+        log.debug("predict: the client closed the connection (%s)", error or "before the answer")
+        self.metrics.observe("predict", 499, _now() - t0, "client_closed")
+        resp = web.Response(status=400, body=error_body("client closed the connection"),
+                            content_type="application/json")  # never sent: the socket is gone
+        resp.force_close()
+        return resp
+
+    async def _read_body(self, request: web.Request, reserved: list[int]) -> bytes | bytearray:
+        """Reads the body into one buffer, taking its bytes from the in-flight budget.
+
+        The body is read as it arrives rather than with `request.read()`,
+        which holds it twice (its chunks, then their join); each wait for
+        more has `body_timeout_s`.
+        """
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise _Error(413, self._too_large_message(length), "too_large")
+        if length is not None:
+            self._reserve(reserved, length)
+        content = request.content
+        chunk = content.read_nowait()
+        if length is not None and len(chunk) == length:
+            return chunk  # the whole body came with the headers (small requests): no copy
+        body = bytearray(length or 0)  # chunked bodies grow as they arrive
+        got = 0
+        with memoryview(body) if length is not None else contextlib.nullcontext() as view:
+            while chunk or (chunk := await self._next_chunk(content)) is not None:
+                if length is None:
+                    if got + len(chunk) > self.max_body_bytes:
+                        raise _Error(413, self._too_large_message(None), "too_large")
+                    self._reserve(reserved, len(chunk))
+                    body += chunk
+                elif got + len(chunk) > length:  # aiohttp's parser stops at Content-Length
+                    raise _Error(400, "The body is longer than its Content-Length.",
+                                 "invalid_input")
+                else:
+                    view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+                chunk = b""
+        if length is not None and got < length:
+            raise ConnectionResetError("the body ended before its Content-Length")
+        return body
+
+    async def _next_chunk(self, content: Any) -> bytes | None:
+        chunk = content.read_nowait()  # what has arrived already: no wait, no timer
+        if chunk:
+            return chunk
+        if content.at_eof():
+            return None
+        try:
+            chunk = await asyncio.wait_for(content.readany(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Error(408, f"Request body stalled: nothing arrived for "
+                              f"{self.body_timeout_s:g} s (tandem serve --body-timeout-s).",
+                         "body_timeout") from None
+        return chunk or None
+
+    def _reserve(self, reserved: list[int], n: int) -> None:
+        if not self.inflight.take(n):
+            raise _Error(503, f"Server busy: {self.inflight.used} bytes of requests are in "
+                              f"flight and this one adds {n}, past the limit of "
+                              f"{self.inflight.limit} (tandem serve --max-inflight-bytes). "
+                              f"Retry after {self.retry_after_s} s.", "inflight_bytes",
+                         retry_after=self.retry_after_s)
+        reserved[0] += n
+
+    async def _predict(self, request: web.Request, reserved: list[int]) -> web.Response:
         served = self.served
         match = request.match_info
         pinned = self._pinned_version(match)
         self._check_name(match["name"], pinned)
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise _Error(413, self._too_large_message(length), "too_large")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _Error(413, self._too_large_message(None), "too_large") from None
+        body = await self._read_body(request, reserved)
         servable = served.current
         if servable is None:
             raise self._unavailable(f"Model '{served.name}' has no version loaded yet.")
@@ -253,7 +348,9 @@ class ModelApp:
                     None, _parse, body, servable.inputs)
             else:
                 x, fmt = _parse(body, servable.inputs)
+            del body  # the decoded input is all that is needed now
             servable, future = self._submit(servable, x)
+            del x
             outputs, weight_version = await self._bridge.wait(
                 future, servable.predictor.timeout_s + _DEADLINE_MARGIN_S)
         except InvalidInputError as e:

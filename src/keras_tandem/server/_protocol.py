@@ -5,10 +5,19 @@ format `"inputs"`) into what `Predictor.submit` takes; turning answers into
 `"predictions"` / `"outputs"`; the JSON documents of model status, metadata
 and errors; describing a model's outputs (`OutputSpec`). Pure Python and
 NumPy: no HTTP, no TensorFlow, no threads.
+
+Large numeric bodies are decoded in pieces straight into an array of the
+input's dtype (`_decode_numeric_array`), so a request never holds a Python
+float object per number; anything the piecewise decoder is unsure of goes
+through the generic decoder, which gives every error message. TF Serving's
+JSON conformance applies both ways: `NaN`, `Infinity` and `-Infinity` are
+accepted in requests and written in answers, and a value too large for the
+input's dtype becomes +/-Infinity.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,16 +27,27 @@ import numpy as np
 import orjson
 
 from keras_tandem.errors import InvalidInputError
+from keras_tandem.server._json_arrays import (
+    SENTINEL,
+    decode_pieces,
+    find_array,
+    rest_of_document,
+)
 from keras_tandem.serving.specs import ArraySpec, castable
 
 ROW = "row"
 COLUMNAR = "columnar"
+# Large bodies are decoded in pieces of about this size: big enough that the
+# per-piece cost vanishes, small enough that one piece's Python objects stay
+# a small share of the body.
+CHUNK_BYTES = 1 << 20
 
 _TF_DTYPES = {
     "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "float16": "DT_HALF",
     "bfloat16": "DT_BFLOAT16", "int8": "DT_INT8", "int16": "DT_INT16", "int32": "DT_INT32",
     "int64": "DT_INT64", "uint8": "DT_UINT8", "uint16": "DT_UINT16", "uint32": "DT_UINT32",
-    "uint64": "DT_UINT64", "bool": "DT_BOOL",
+    "uint64": "DT_UINT64", "bool": "DT_BOOL", "object": "DT_STRING", "bytes": "DT_STRING",
+    "str": "DT_STRING",
 }
 
 
@@ -96,22 +116,78 @@ def error_body(message: str) -> bytes:
 
 
 def dumps(doc: Any) -> bytes:
-    """Encodes a JSON document; NumPy arrays are written in their own precision."""
+    """Encodes a JSON document; NumPy arrays are written in their own precision.
+
+    Non-finite floats are written as `NaN`, `Infinity` and `-Infinity`, as
+    TF Serving writes them (plain JSON has no such values; orjson alone
+    would write `null`).
+    """
     try:
         return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError:  # a dtype orjson does not take (bfloat16, ...), or a strided view
         return json.dumps(doc, default=lambda o: np.asarray(o).tolist()).encode()
 
 
+_TOKENS = {"nan": orjson.Fragment(b"NaN"), "inf": orjson.Fragment(b"Infinity"),
+           "-inf": orjson.Fragment(b"-Infinity")}
+
+
+def json_safe(value: Any) -> Any:
+    """`value`, or nested lists with `NaN`/`Infinity` tokens if it is a float array with any.
+
+    Finite arrays are returned as they are (orjson writes them fast and in
+    their own precision); only an array holding a non-finite value pays for
+    the element-wise conversion.
+    """
+    if isinstance(value, (bytes, np.bytes_)) or (isinstance(value, np.ndarray)
+                                                  and value.dtype.kind in "OSU"):
+        return _strings(value)
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.size == 0:
+        return value
+    if np.isfinite(value).all():
+        return value
+    if value.dtype not in (np.float16, np.float32, np.float64):  # bfloat16 and the like
+        value = value.astype(np.float32)
+    return _with_tokens(value)
+
+
+def _strings(a: Any) -> Any:
+    """String outputs as JSON strings (UTF-8), or `{"b64": ...}` for bytes that are not text."""
+    if isinstance(a, np.ndarray):
+        return [_strings(v) for v in a] if a.ndim else _strings(a[()])
+    if isinstance(a, (bytes, np.bytes_)):
+        try:
+            return bytes(a).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(bytes(a)).decode("ascii")}
+    return a if isinstance(a, str) else str(a)
+
+
+def _with_tokens(a: np.ndarray) -> Any:
+    if a.ndim == 0:
+        return _token(a[()])
+    if a.ndim == 1:
+        return [_token(v) for v in a]
+    return [_with_tokens(row) for row in a]
+
+
+def _token(v: Any) -> Any:
+    return v if np.isfinite(v) else _TOKENS[str(float(v))]
+
+
 # ------------------------------------------------------------------ requests
 
 
-def parse_predict_body(body: bytes, fields: Sequence[ArraySpec]) -> tuple[Any, str]:
+def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
+                       chunk_bytes: int = CHUNK_BYTES) -> tuple[Any, str]:
     """Parses a `:predict` request body.
 
     Args:
-        body: the raw JSON body.
+        body: the raw JSON body. A `bytearray` larger than `chunk_bytes` may
+            be modified (a few bytes are overwritten while decoding in pieces).
         fields: the model's inputs (`Predictor.inputs`), in the model's order.
+        chunk_bytes: bodies larger than this, holding one numeric tensor,
+            are decoded in pieces of about this size.
 
     Returns:
         `(x, format)`: the input to hand to `Predictor.submit` (an array, or a
@@ -122,10 +198,32 @@ def parse_predict_body(body: bytes, fields: Sequence[ArraySpec]) -> tuple[Any, s
             `"instances"`/`"inputs"`, or instances that are not a list of
             examples. Shape and dtype checks are left to the Predictor.
     """
+    if len(body) > chunk_bytes:
+        parsed = _decode_numeric_array(body, fields, chunk_bytes)
+        if parsed is not None:
+            return parsed
+    doc = _loads(body)
+    _check_document(doc)
+    if "instances" in doc:
+        return _rows_to_input(doc["instances"], fields), ROW
+    return _columns_to_input(doc["inputs"], fields), COLUMNAR
+
+
+def _loads(body: Any) -> Any:
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        if b"NaN" in body or b"Infinity" in body or "infinity" in str(e):
+            # TF Serving's JSON takes NaN/Infinity tokens and out-of-range numbers (as
+            # +/-Infinity); orjson refuses both, the standard library takes both.
+            try:
+                return json.loads(body)
+            except ValueError:
+                pass
         raise InvalidInputError(f"Malformed JSON in the request body: {e}") from None
+
+
+def _check_document(doc: Any) -> None:
     if not isinstance(doc, dict):
         raise InvalidInputError(
             'The request body must be a JSON object with "instances" (row format) or '
@@ -148,9 +246,33 @@ def parse_predict_body(body: bytes, fields: Sequence[ArraySpec]) -> tuple[Any, s
             f"Unknown signature_name {signature_name!r}: this model has only "
             "'serving_default'."
         )
-    if has_rows:
-        return _rows_to_input(doc["instances"], fields), ROW
-    return _columns_to_input(doc["inputs"], fields), COLUMNAR
+
+
+def _decode_numeric_array(body: bytes | bytearray, fields: Sequence[ArraySpec],
+                          chunk_bytes: int) -> tuple[Any, str] | None:
+    """The piecewise decoder's answer for one numeric input, or None to decode generically."""
+    if len(fields) != 1 or fields[0].dtype.kind not in "biuf":
+        return None
+    field = fields[0]
+    span = find_array(body, ("instances", "inputs"), chunk_bytes)
+    if span is None:
+        return None
+    doc = rest_of_document(body, span)
+    if doc is None:
+        return None
+    _check_document(doc)  # both or neither key, another signature: the usual errors
+    if doc.get(span.key) != SENTINEL:
+        return None
+    decoded = decode_pieces(body, span, field.dtype, castable)
+    if decoded is None:
+        return None
+    arr, source_dtype = decoded
+    if span.key == "inputs":
+        return arr, COLUMNAR
+    # The row check and its message, as the generic path gives them, from a
+    # zero-size stand-in with the decoded dtype (the cast array's would differ).
+    _check_rows(np.broadcast_to(np.zeros((), source_dtype), arr.shape), len(arr), field)
+    return arr, ROW
 
 
 def _as_array(value: Any, what: str) -> np.ndarray:
@@ -166,7 +288,8 @@ def _cast(arr: np.ndarray, field: ArraySpec) -> np.ndarray:
     # Casts only what the Predictor would cast itself (ints and bools into
     # floats, ...), so it takes its fast path; anything else it checks and names.
     if arr.dtype != field.dtype and castable(arr.dtype, field.dtype):
-        return arr.astype(field.dtype)
+        with np.errstate(over="ignore"):  # too large for float32: +/-Infinity, as TF Serving
+            return arr.astype(field.dtype)
     return arr
 
 
@@ -224,7 +347,7 @@ def _columns_to_input(inputs: Any, fields: Sequence[ArraySpec]) -> Any:
     if isinstance(inputs, dict):  # unknown or missing names: the Predictor names them
         return {k: _as_array(v, f"Input '{k}'") for k, v in inputs.items()}
     if len(fields) == 1:
-        return _as_array(inputs, '"inputs"')
+        return _cast(_as_array(inputs, '"inputs"'), fields[0])
     return inputs  # a list of tensors; the Predictor checks it
 
 
@@ -243,8 +366,8 @@ def format_predictions(outputs: Any, spec: OutputSpec, fmt: str) -> bytes:
         The encoded JSON body.
     """
     if spec.structure == "single":
-        return dumps({"predictions" if fmt == ROW else "outputs": outputs})
-    flat = [np.asarray(o) for o in spec.flatten(outputs)]
+        return dumps({"predictions" if fmt == ROW else "outputs": json_safe(outputs)})
+    flat = [json_safe(np.asarray(o)) for o in spec.flatten(outputs)]
     if fmt == ROW:
         preds = [{name: col[i] for name, col in zip(spec.names, flat, strict=True)}
                  for i in range(len(flat[0]))]

@@ -39,7 +39,7 @@ LOADING, AVAILABLE, END = "LOADING", "AVAILABLE", "END"
 
 
 def probe_outputs(predictor: Predictor, names: list[str] | None = None) -> OutputSpec:
-    """Runs one all-zeros example through `predictor` and describes its outputs.
+    """Runs one all-zeros example (empty strings for strings) and describes the outputs.
 
     This doubles as the warm-up of a new Predictor: it proves the forward
     pass runs, end to end, before any client is sent to it.
@@ -52,7 +52,8 @@ def probe_outputs(predictor: Predictor, names: list[str] | None = None) -> Outpu
     Returns:
         The `OutputSpec` of one example's outputs.
     """
-    example = {f.name: np.zeros(f.shape, f.dtype) for f in predictor.inputs}
+    example = {f.name: np.full(f.shape, b"", object) if f.is_string else np.zeros(f.shape, f.dtype)
+               for f in predictor.inputs}
     return OutputSpec.from_specs(predictor.predict(example), predictor.outputs, names)
 
 
@@ -219,6 +220,44 @@ def is_complete_keras_file(path: Path) -> bool:
             return "config.json" in z.namelist() and z.testzip() is None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
+
+
+def locate_model(path: str | os.PathLike) -> tuple[Path, int]:
+    """The `.keras` file that `serve(path)` loads first, and its model version.
+
+    Args:
+        path: a `.keras` file (version 1), or a base directory of numbered
+            version subdirectories (`BASE/1/model.keras`, ...): its newest
+            version whose file is a complete archive.
+
+    Returns:
+        `(file, version)`.
+
+    Raises:
+        ValueError: nothing servable at `path`, saying what was found there.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not is_complete_keras_file(path):
+            raise ValueError(f"{path} is not a complete .keras file (a zip archive with a "
+                             "config.json, as `model.save('model.keras')` writes).")
+        return path, 1
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist: pass a .keras file or a base directory "
+                         "with numbered version subdirectories.")
+    versions = sorted((int(e.name) for e in os.scandir(path)
+                       if e.name.isdigit() and e.is_dir()), reverse=True)
+    saved_model = [path] + [path / str(v) for v in versions]
+    if any((d / "saved_model.pb").is_file() for d in saved_model):
+        raise ValueError(f"{path} holds a TensorFlow SavedModel: SavedModels are not supported "
+                         "yet. Save the Keras model as a .keras file (model.save('model.keras')) "
+                         "and pass that, or a base directory holding 1/model.keras.")
+    for v in versions:
+        f = find_model_file(path / str(v))
+        if f is not None and is_complete_keras_file(f):
+            return f, v
+    raise ValueError(f"{path} has no numbered version subdirectory with a complete .keras file "
+                     f"(found versions {sorted(versions)}); expected {path}/1/model.keras.")
 
 
 def load_keras_model(path: Path) -> Any:

@@ -2,24 +2,34 @@
 
 Owns the server's lifecycle: deciding what is served (a Predictor, a Keras
 model, a `.keras` file or a base directory of versions), the event-loop
-thread running aiohttp, the version watcher thread, and shutting all of it
-down in order (stop listening, finish in-flight requests, stop the watcher,
-close the Predictors the server created).
+thread running aiohttp (with the limits of `_limits` and the guarded socket
+of `_connections`, and a loop exception handler that rate-limits accept
+errors), the version watcher thread, and shutting all of it down in order
+(stop listening, finish in-flight requests, stop the watcher, close the
+Predictors the server created).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import threading
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from keras_tandem.server._app import ModelApp
+from keras_tandem.server._app import ModelApp, log
+from keras_tandem.server._connections import ConnectionGuard, GuardedSite
+from keras_tandem.server._limits import (
+    RateLimitedLog,
+    default_max_connections,
+    default_max_inflight_bytes,
+)
 from keras_tandem.server._metrics import ServerMetrics
 from keras_tandem.server._repository import (
     Servable,
@@ -33,6 +43,10 @@ from keras_tandem.server._repository import (
 from keras_tandem.serving.predictor import Predictor
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Longer than any browser or curl takes to send headers or the next part of a
+# body (nginx's client_header_timeout and client_body_timeout are 60 s too).
+DEFAULT_HEADER_TIMEOUT_S = 60.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 class ServerHandle:
@@ -46,13 +60,15 @@ class ServerHandle:
     """
 
     def __init__(self, served: ServedModel, app: ModelApp, host: str, port: int,
-                 watcher: VersionWatcher | None, shutdown_timeout_s: float):
+                 watcher: VersionWatcher | None, shutdown_timeout_s: float,
+                 guard: ConnectionGuard):
         self.name = served.name
         self.host = host
         self._served = served
         self._app = app
         self._watcher = watcher
         self._shutdown_timeout_s = shutdown_timeout_s
+        self._guard = guard
         self._stopped = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -87,12 +103,12 @@ class ServerHandle:
     def _run(self, host: str, port: int, ready: Future) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(partial(_loop_exception, self._app.logs))
         runner = web.AppRunner(self._app.build(), access_log=None, handle_signals=False,
                                shutdown_timeout=self._shutdown_timeout_s)
         try:
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True,
-                               shutdown_timeout=self._shutdown_timeout_s)
+            site = GuardedSite(runner, host, port, self._guard, backlog=1024)
             loop.run_until_complete(site.start())
             bound = runner.addresses[0][1]
         except BaseException as e:  # noqa: BLE001 - re-raised in serve()
@@ -135,6 +151,16 @@ class ServerHandle:
         return f"<ServerHandle {self.name!r} at {self.url} version={self.version}>"
 
 
+def _loop_exception(logs: RateLimitedLog, loop: asyncio.AbstractEventLoop,
+                    context: dict[str, Any]) -> None:
+    # CPython 3.11's accept loop reports EMFILE once per accept slot and again a
+    # second later while the limit holds: one line per interval, with a count.
+    message = str(context.get("message", "event loop error"))
+    error = context.get("exception")
+    logs.log(f"loop:{message}", logging.ERROR, "%s: %r", message, error,
+             exc_info=None if message.startswith("socket.accept()") else error)
+
+
 def _freeze_gc() -> None:
     gc.collect()
     gc.freeze()
@@ -153,6 +179,10 @@ def serve(
     retry_after_s: int = 1,
     shutdown_timeout_s: float = 5.0,
     freeze_gc: bool = True,
+    max_inflight_bytes: int | None = None,
+    max_connections: int | None = None,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> ServerHandle:
     """Serves a model over HTTP with TensorFlow Serving's REST API, in the background.
 
@@ -194,14 +224,38 @@ def serve(
             while every request waits, which shows in the tail latency
             (docs/measurements.md). Process-wide; objects created later are
             collected as usual.
+        max_inflight_bytes: the most request bytes being read, decoded and
+            answered at once, across all requests; beyond it a request gets
+            503 with `Retry-After` (a request alone always gets through).
+            Default: an eighth of the memory the process may use (its
+            cgroup limit or the machine's), at least `max_body_bytes`.
+        max_connections: the most open connections; one more is answered
+            503 and closed at once. Default: the soft file-descriptor limit
+            less the descriptors open now and a reserve (64, or a tenth of
+            the limit) for model loading and checkpoints.
+        header_timeout_s: how long a connection may take to send a
+            request's headers, idle keep-alive time included; then it is
+            closed (slowloris clients).
+        body_timeout_s: the longest wait for the next part of a request
+            body; then 408.
 
     Returns:
         A `ServerHandle` (`url`, `port`, `version`, `stop()`); a context manager.
 
     Raises:
-        ValueError: `predictor` is a path with nothing loadable, or of an unknown kind.
+        ValueError: `predictor` is a path with nothing loadable, or of an unknown kind;
+            a limit or timeout that is not positive.
         OSError: the address is in use.
     """
+    for arg, value in (("max_inflight_bytes", max_inflight_bytes),
+                       ("max_connections", max_connections)):
+        if value is not None and value < 1:
+            raise ValueError(f"{arg} must be a positive number (or None for the default "
+                             f"from this machine); got {value}.")
+    for arg, value in (("header_timeout_s", header_timeout_s),
+                       ("body_timeout_s", body_timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{arg} must be positive; got {value}.")
     options = dict(predictor_options or {})
     watcher = None
     if isinstance(predictor, Predictor):
@@ -245,9 +299,17 @@ def serve(
     served.on_new_predictor = on_new_predictor
     if freeze_gc:
         _freeze_gc()
-    app = ModelApp(served, metrics, max_body_bytes, retry_after_s)
+    logs = RateLimitedLog(log)
+    app = ModelApp(served, metrics, max_body_bytes, retry_after_s,
+                   max_inflight_bytes=max_inflight_bytes or
+                   default_max_inflight_bytes(max_body_bytes),
+                   body_timeout_s=body_timeout_s, logs=logs)
+    guard = ConnectionGuard(
+        max_connections or default_max_connections(),
+        {"keepalive_timeout": header_timeout_s, "access_log": None},
+        metrics.observe, logs, retry_after_s)
     try:
-        handle = ServerHandle(served, app, host, port, watcher, shutdown_timeout_s)
+        handle = ServerHandle(served, app, host, port, watcher, shutdown_timeout_s, guard)
     except BaseException:
         if first is not None and first.owned:
             first.predictor.close()

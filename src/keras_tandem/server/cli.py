@@ -12,7 +12,11 @@ import signal
 import threading
 from pathlib import Path
 
-from keras_tandem.server._serve import DEFAULT_MAX_BODY_BYTES
+from keras_tandem.server._serve import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-request deadline before 504 (default 30)")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                         help="largest request body in MiB (default 64)")
+    parser.add_argument("--max-inflight-bytes", type=int, default=None,
+                        help="most request bytes read, decoded and answered at once; 503 "
+                             "beyond it (default: an eighth of the memory the process may "
+                             "use, at least one largest body)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="most open connections; more are answered 503 and closed at once "
+                             "(default: the fd limit less those open and a reserve)")
+    parser.add_argument("--header-timeout-s", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="close a connection that has not sent a request's headers in "
+                             "this time, idle keep-alive included (default 60)")
+    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="answer 408 when a body stalls this long between two reads "
+                             "(default 60)")
     parser.add_argument("--poll-interval-s", type=float, default=1.0,
                         help="how often a base directory is scanned for new versions")
 
@@ -47,14 +64,19 @@ def default_name(model: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Serves until interrupted; returns the exit code."""
     from keras_tandem.server import serve
+    from keras_tandem.server._limits import raise_fd_limit
 
+    raise_fd_limit()  # this process is the server's: room for connections beside the reserve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     name = args.name or default_name(args.model)
     options = {"max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
                "queue_size": args.queue_size, "timeout_s": args.timeout_s}
     handle = serve(args.model, name=name, host=args.host, port=args.port,
                    max_body_bytes=int(args.max_body_mb * 2**20),
-                   poll_interval_s=args.poll_interval_s, predictor_options=options)
+                   poll_interval_s=args.poll_interval_s, predictor_options=options,
+                   max_inflight_bytes=args.max_inflight_bytes,
+                   max_connections=args.max_connections,
+                   header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
