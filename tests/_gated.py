@@ -1,6 +1,9 @@
 """A model whose forward pass blocks until a gate is set: a stuck worker on demand."""
 
+import threading
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -24,3 +27,12 @@ class GatedModel(keras.Model):
         out = tf.numpy_function(run, [y, x], tf.float32, stateful=True)
         out.set_shape(y.shape)
         return out
+
+
+def open_gated_model():
+    """A built `GatedModel` (3 features in) and its gate, set: it answers until cleared."""
+    gate = threading.Event()
+    gate.set()
+    model = GatedModel(gate)
+    model(np.zeros((1, 3), np.float32))
+    return model, gate

@@ -263,16 +263,21 @@ def test_a_lone_caller_never_waits_for_itself():
     assert clock.waits == []
 
 
-def test_no_wait_for_a_request_that_came_after_a_pause(callers):
-    clock = FakeClock()
-    q = busy_queue(clock, callers)
-    clock.advance(10 * GAP)  # a pause; the other callers still count as active
+def assert_taken_without_waiting(clock, q, callers, first):
+    """With the other callers due one gap apart from now, a take gives [first] at once."""
     t = clock.t
-    first = put_from(callers[0], q)
     for i, c in enumerate(callers[1:], 1):
         clock.at(t + i * GAP, lambda c=c: put_from(c, q))
     assert q.take() == [first]
     assert clock.waits == [] and clock.t == t
+
+
+def test_no_wait_for_a_request_that_came_after_a_pause(callers):
+    clock = FakeClock()
+    q = busy_queue(clock, callers)
+    clock.advance(10 * GAP)  # a pause; the other callers still count as active
+    first = put_from(callers[0], q)  # a put takes no virtual time
+    assert_taken_without_waiting(clock, q, callers, first)
 
 
 def test_no_wait_when_the_stream_went_quiet_before_the_take(callers):
@@ -281,11 +286,7 @@ def test_no_wait_when_the_stream_went_quiet_before_the_take(callers):
     clock.advance(GAP)
     first = put_from(callers[0], q)  # on time: the stream was steady
     clock.advance(3 * GAP)  # but nothing came while the worker ran its last pass
-    t = clock.t
-    for i, c in enumerate(callers[1:], 1):
-        clock.at(t + i * GAP, lambda c=c: put_from(c, q))
-    assert q.take() == [first]
-    assert clock.waits == [] and clock.t == t
+    assert_taken_without_waiting(clock, q, callers, first)
 
 
 def test_no_wait_for_a_stream_when_a_pass_takes_longer_than_the_gap(callers):

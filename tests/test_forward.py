@@ -63,17 +63,23 @@ def serve_and_check(model, **options):
         return p.stats()
 
 
+def serve_and_check_warned(model, **options):
+    """`serve_and_check`, recording warnings: (its stats, the fallback warnings given)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        stats = serve_and_check(model, **options)
+    return stats, fallback_warnings(record)
+
+
 # --------------------------------------------------------------- the fast path
 
 
 def test_normal_path_is_a_call_op_on_the_inline_executor_and_logs_info_once(model, caplog):
     caplog.set_level(logging.INFO, logger="keras_tandem.serving")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
+    stats, warned = serve_and_check_warned(model)
     assert stats["call_path"] == "call op"  # TensorFlow 2.21: the fastest way works
     assert stats["executor"] == "inline"
-    assert fallback_warnings(record) == []
+    assert warned == []
     infos = [r for r in caplog.records
              if r.name == "keras_tandem.serving" and r.levelno == logging.INFO]
     assert len(infos) == 1
@@ -81,12 +87,10 @@ def test_normal_path_is_a_call_op_on_the_inline_executor_and_logs_info_once(mode
 
 
 def test_xla_compiled_pass_calls_directly_without_a_warning(model):
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model, jit_compile=True)
+    stats, warned = serve_and_check_warned(model, jit_compile=True)
     # By design, not a fallback: XLA's function runs on the calling thread already.
     assert (stats["call_path"], stats["executor"]) == ("direct", "default")
-    assert fallback_warnings(record) == []
+    assert warned == []
 
 
 # ------------------------------------------------------- each private call broken
@@ -170,13 +174,11 @@ def test_a_broken_private_call_falls_back_answers_right_and_warns_once(
         model, monkeypatch, caplog, breakage, path, executor, refused):
     breakage(monkeypatch)
     caplog.set_level(logging.INFO, logger="keras_tandem.serving")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
-        again = serve_and_check(model)  # a second Predictor: no second warning
+    stats, warned = serve_and_check_warned(model)
+    again, warned_again = serve_and_check_warned(model)  # a second Predictor: no second warning
     assert (stats["call_path"], stats["executor"]) == (path, executor)
     assert (again["call_path"], again["executor"]) == (path, executor)
-    (warning,) = fallback_warnings(record)
+    (warning,) = warned + warned_again
     message = str(warning.message)
     assert f"falls back to '{path}'" in message
     for reason in refused:
@@ -192,11 +194,9 @@ def test_a_private_call_off_the_chosen_path_is_never_made(model, monkeypatch):
     def missing(fn):
         raise AttributeError("no _call_flat")
     monkeypatch.setattr(_tf_private, "_call_flat", missing)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
+    stats, warned = serve_and_check_warned(model)
     assert stats["call_path"] == "call op"
-    assert fallback_warnings(record) == []
+    assert warned == []
 
 
 def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatch):
@@ -211,12 +211,10 @@ def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatc
 
     model = Branchy()
     model(np.zeros((1, 8), np.float32))
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model, input_signature=keras.Input((8,)))
+    stats, warned = serve_and_check_warned(model, input_signature=keras.Input((8,)))
     assert (stats["call_path"], stats["executor"]) == ("call op", "default")
     # The model's own control flow, not a change in TensorFlow: said at INFO, no warning.
-    assert not fallback_warnings(record)
+    assert not warned
 
 
 # ------------------------------------------------------------ the backend seam
@@ -230,11 +228,9 @@ def test_tensorflow_backend_implements_the_forward_pass_interface(model):
 
 def test_another_backend_runs_a_keras_copy_and_says_why(model, monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
+    stats, warned = serve_and_check_warned(model)
     assert stats["call_path"] == "keras copy"
-    (warning,) = fallback_warnings(record)
+    (warning,) = warned
     assert "'jax' backend" in str(warning.message)
 
 
@@ -251,12 +247,10 @@ def test_a_model_the_traced_pass_cannot_run_is_served_by_a_copy_warned_once(
         model, monkeypatch, caplog):
     trace_fails(monkeypatch)
     caplog.set_level(logging.INFO, logger="keras_tandem.serving")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
-        again = serve_and_check(model)
+    stats, warned = serve_and_check_warned(model)
+    again, warned_again = serve_and_check_warned(model)
     assert stats["call_path"] == again["call_path"] == "keras copy"
-    (warning,) = fallback_warnings(record)  # once per process for one reason
+    (warning,) = warned + warned_again  # once per process for one reason
     assert "cannot trace this model" in str(warning.message)
     logged = [r for r in caplog.records if r.name == "keras_tandem.serving"]
     assert [r.levelno for r in logged] == [logging.WARNING] * 2  # one per Predictor
@@ -267,11 +261,9 @@ def test_a_traced_pass_whose_answers_differ_from_the_model_is_not_used(model, mo
     real_run = TensorFlowForward.run
     monkeypatch.setattr(TensorFlowForward, "run",
                         lambda self, bucket: [o + 1.0 for o in real_run(self, bucket)])
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        stats = serve_and_check(model)
+    stats, warned = serve_and_check_warned(model)
     assert stats["call_path"] == "keras copy"
-    (warning,) = fallback_warnings(record)
+    (warning,) = warned
     assert "differs from the model's own" in str(warning.message)
 
 

@@ -55,6 +55,23 @@ def _wait_for_line(cluster, worker, prefix):
         time.sleep(0.05)
 
 
+def _survivor_after_signal(argv, collective_timeout_s, line, sig):
+    """Runs `argv` as a 2-worker cluster; once worker 1 prints `line`, sends it `sig`.
+
+    Returns worker 0's exit code (waited for up to 60 s) and its output. The
+    cluster is stopped either way (its SIGKILL ends a stopped process too).
+    """
+    cluster = LocalCluster(argv, 2, out=None,
+                           env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": str(collective_timeout_s)})
+    try:
+        _wait_for_line(cluster, 1, line)
+        cluster.procs[1].send_signal(sig)
+        code = cluster.procs[0].wait(60)
+    finally:
+        cluster.stop()
+    return code, "\n".join(cluster.lines[0])
+
+
 def test_tf_configs_name_every_worker_and_this_task():
     configs = [json.loads(c) for c in tf_configs([1111, 2222])]
     assert [c["task"] for c in configs] == [{"type": "worker", "index": 0},
@@ -101,19 +118,12 @@ def test_sigkill_stops_the_survivor_with_a_message_and_a_restart_resumes(tmp_pat
     ckpt, report = tmp_path / "ckpt", tmp_path / "report"
     args = ["--epochs", "4", "--checkpoint-dir", str(ckpt), "--validation-split", "0.2"]
     # Slow steps (28 per epoch), so that the run is still in epoch 3 when the kill lands.
-    cluster = LocalCluster([*JOB, *args, "--step-delay", "0.03"], 2, out=None,
-                           env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "20"})
-    try:
-        # Printed after worker 1 saved epoch 2 (its steps, validation and saves are
-        # collectives with worker 0): whenever the kill lands, the survivor's next
-        # collective is in epoch 3 and it has saved epoch 2.
-        _wait_for_line(cluster, 1, "epoch 2/4")
-        cluster.procs[1].send_signal(signal.SIGKILL)
-        # The survivor stops by itself (no launcher kills it here), with a clear message.
-        code = cluster.procs[0].wait(60)
-    finally:
-        cluster.stop()
-    survivor = "\n".join(cluster.lines[0])
+    # "epoch 2/4" is printed after worker 1 saved epoch 2 (its steps, validation and
+    # saves are collectives with worker 0): whenever the kill lands, the survivor's next
+    # collective is in epoch 3 and it has saved epoch 2. The survivor stops by itself
+    # (no launcher kills it here), with a clear message.
+    code, survivor = _survivor_after_signal([*JOB, *args, "--step-delay", "0.03"], 20,
+                                            "epoch 2/4", signal.SIGKILL)
     assert code == 3, survivor
     # Epochs counted from 1, as the progress lines count them.
     assert "lost a worker or timed out in epoch 3/4" in survivor, survivor
@@ -235,15 +245,8 @@ def test_a_frozen_worker_makes_the_other_time_out_instead_of_hanging(tmp_path):
     # first; the survivor then exits with the job's code for WorkerLost (3), not by a
     # crash (TensorFlow's own collective timeout, which it used to rely on, could
     # make it die by SIGSEGV under load).
-    cluster = LocalCluster([*JOB, "--epochs", "50", "--step-delay", "0.02"], 2, out=None,
-                           env={"KERAS_TANDEM_COLLECTIVE_TIMEOUT_S": "5"})
-    try:
-        _wait_for_line(cluster, 1, "epoch 1/")
-        cluster.procs[1].send_signal(signal.SIGSTOP)
-        code = cluster.procs[0].wait(60)
-    finally:
-        cluster.stop()  # SIGKILL ends the stopped process too
-    survivor = "\n".join(cluster.lines[0])
+    code, survivor = _survivor_after_signal([*JOB, "--epochs", "50", "--step-delay", "0.02"],
+                                            5, "epoch 1/", signal.SIGSTOP)
     assert code == 3, f"{describe_exit(code)}\n{survivor}"
     assert "DeadlineExceededError" in survivor or "UnavailableError" in survivor, survivor
     assert "without checkpoint_dir it starts again at epoch 1" in survivor, survivor

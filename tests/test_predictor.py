@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from _gated import GatedModel
+from _gated import open_gated_model
 from _poll import wait_until
 from keras_tandem import (
     InvalidInputError,
@@ -29,17 +29,25 @@ def mlp(seed=0, n_in=8, n_out=4):
     ])
 
 
+class Sub(keras.Model):
+    """A subclassed model: Dense(5, tanh) then Dense(2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1 = keras.layers.Dense(5, activation="tanh")
+        self.d2 = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.d2(self.d1(x))
+
+
 def reference(model, x):
     return keras.ops.convert_to_numpy(model(np.asarray(x, np.float32), training=False))
 
 
 @pytest.fixture
 def gated():
-    gate = threading.Event()
-    gate.set()
-    model = GatedModel(gate)
-    model(np.zeros((1, 3), np.float32))
-    return model, gate
+    return open_gated_model()
 
 
 def test_answers_equal_model_from_64_threads():
@@ -139,15 +147,6 @@ def test_multi_input_multi_output_dict_and_list():
 
 
 def test_subclassed_model():
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d1 = keras.layers.Dense(5, activation="tanh")
-            self.d2 = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d2(self.d1(x))
-
     model = Sub()
     x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
     model(x)
@@ -548,15 +547,6 @@ def test_string_batches_are_padded_with_empty_strings():
 
 
 def test_a_subclassed_model_never_called_is_built_from_input_signature():
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d1 = keras.layers.Dense(5, activation="tanh")
-            self.d2 = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d2(self.d1(x))
-
     model = Sub()
     assert not model.built
     with Predictor(model, max_batch_size=4, input_signature=keras.Input((10,))) as p:

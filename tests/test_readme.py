@@ -18,19 +18,17 @@ import contextlib
 import io
 import json
 import os
-import queue
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from _http import cli_serve
 from keras_tandem import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -175,11 +173,6 @@ def _serve_blocks() -> tuple[Block, Block, Block]:
     return save, start, query
 
 
-def _lines(stream, into: queue.Queue) -> None:
-    for line in stream:
-        into.put(line)
-
-
 def test_the_serve_walkthrough_answers_as_the_readme_says(tmp_path):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
@@ -189,21 +182,11 @@ def test_the_serve_walkthrough_answers_as_the_readme_says(tmp_path):
     argv = shlex.split(start.code.split("#", 1)[0])
     assert argv[:2] == ["tandem", "serve"]
     # Port 0: a free port, which the server prints, rather than 8501.
-    server = subprocess.Popen([sys.executable, "-m", "keras_tandem.cli", *argv[1:], "--port", "0"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(server.stdout, lines), daemon=True).start()
-    try:
-        deadline, seen = time.monotonic() + 180, []
-        while time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                seen.append(lines.get(timeout=1))
-                if found := re.search(r"serving model 'mnist' version 1 at http://127\.0\.0\.1:"
-                                      r"(\d+)/v1/models/mnist", seen[-1]):
-                    break
-            assert server.poll() is None, "".join(seen)
-        else:
+    with cli_serve(argv[2], *argv[3:], port=0, cwd=tmp_path) as server:
+        seen = server.lines
+        found = re.search(r"serving model 'mnist' version 1 at http://127\.0\.0\.1:"
+                          r"(\d+)/v1/models/mnist", seen[-1] if seen else "")
+        if not found:
             pytest.fail("tandem serve never said it was serving:\n" + "".join(seen))
         assert "".join(seen).count("oneDNN custom operations") <= 1  # start-up lines once
         script = query.code.replace("localhost:8501", f"localhost:{found[1]}")
@@ -218,6 +201,3 @@ def test_the_serve_walkthrough_answers_as_the_readme_says(tmp_path):
         assert len(predictions) == 1 and len(predictions[0]) == 10
         assert status["model_version_status"][0]["state"] == "AVAILABLE"
         assert "# HELP" in out.stdout[end:]  # Prometheus
-    finally:
-        server.terminate()
-        server.wait(30)

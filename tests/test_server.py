@@ -9,8 +9,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -20,7 +18,8 @@ import keras
 import numpy as np
 import pytest
 
-from _gated import GatedModel
+from _gated import open_gated_model
+from _http import cli_serve, read_reply, request
 from _poll import wait_until
 from keras_tandem import Predictor, serve
 from keras_tandem.server import DEFAULT_MAX_BODY_BYTES, _repository
@@ -47,22 +46,6 @@ def two_in_two_out(seed=0):
 def ref(model, x):
     out = model(x, training=False)
     return keras.tree.map_structure(keras.ops.convert_to_numpy, out)
-
-
-def request(url, method, path, body=None, headers=None, timeout=30):
-    """One request on a fresh connection: (status, headers, parsed JSON or text)."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers or {})
-        r = conn.getresponse()
-        raw = r.read()
-        ctype = r.getheader("Content-Type", "")
-        return r.status, dict(r.getheaders()), json.loads(raw) if "json" in ctype \
-            else raw.decode()
-    finally:
-        conn.close()
 
 
 def predict(url, body, name="m", version=None):
@@ -111,10 +94,7 @@ def multi():
 
 @pytest.fixture
 def gated():
-    gate = threading.Event()
-    gate.set()
-    model = GatedModel(gate)
-    model(np.zeros((1, 3), np.float32))
+    model, gate = open_gated_model()
     predictor = Predictor(model, max_batch_size=1, queue_size=1, timeout_s=1.0)
     server = serve(predictor, name="g", port=0, retry_after_s=2)
     yield server, predictor, gate
@@ -265,12 +245,7 @@ def test_oversize_body_gets_413_before_the_body_is_read(single):
         s.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % (DEFAULT_MAX_BODY_BYTES + 1))
-        reply = b""
-        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = read_reply(s)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b"limit" in json.loads(body)["error"].encode()
@@ -520,27 +495,13 @@ def test_serve_a_keras_file_and_tandem_serve_cli(tmp_path):
         assert status == 200 and headers["X-Model-Version"] == "1"
         np.testing.assert_allclose(doc["predictions"], ref(model, x), rtol=1e-5, atol=1e-6)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keras_tandem.cli", "serve", str(path), "--port", str(port),
-         "--max-batch-size", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("serving"):
-                break
-        assert f"127.0.0.1:{port}/v1/models/clf" in lines[-1], lines
-        status, _, doc = predict(f"http://127.0.0.1:{port}", {"instances": x.tolist()},
+    with cli_serve(path, "--max-batch-size", "4") as cli:
+        assert f"127.0.0.1:{cli.port}/v1/models/clf" in cli.lines[-1], cli.lines
+        status, _, doc = predict(f"http://127.0.0.1:{cli.port}", {"instances": x.tolist()},
                                  name="clf")
         assert status == 200
         np.testing.assert_allclose(doc["predictions"], ref(model, x), rtol=1e-5, atol=1e-6)
-    finally:
-        proc.send_signal(2)
-        assert proc.wait(30) == 0
+    assert cli.proc.returncode == 0
 
 
 def test_a_request_racing_a_predictor_swap_goes_to_the_new_predictor():

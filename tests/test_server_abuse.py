@@ -7,7 +7,6 @@ polling with a deadline; nothing asserts a duration.
 """
 
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 
+from _http import read_reply, request
 from _poll import wait_until
 from keras_tandem import Predictor, serve
 from keras_tandem.server._limits import InflightBytes, RateLimitedLog
@@ -31,20 +31,6 @@ from keras_tandem.server._limits import InflightBytes, RateLimitedLog
 def identity_model(width=4):
     x = keras.Input((width,), name="x")
     return keras.Model(x, keras.layers.Activation("linear")(x))
-
-
-def http_request(port, method, path, body=None, headers=None, timeout=30):
-    """(status, headers, JSON or text) of one request on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        raw = r.read()
-        ctype = r.getheader("Content-Type", "")
-        return r.status, dict(r.getheaders()), json.loads(raw) if "json" in ctype \
-            else raw.decode()
-    finally:
-        conn.close()
 
 
 def raw_exchange(port, data, timeout=30):
@@ -65,7 +51,7 @@ def split_reply(reply):
 
 
 def metric(port, name, **labels):
-    _, _, text = http_request(port, "GET", "/metrics")
+    _, _, text = request(port, "GET", "/metrics")
     for line in text.splitlines():
         if line.startswith(name + "{"):
             got = dict(p.split("=") for p in line[line.index("{") + 1:line.index("}")]
@@ -129,13 +115,8 @@ def test_requests_that_fail_http_parsing_get_a_json_error(server, request_bytes,
 
 def post_raw(port, body):
     """(status, raw response body) of one predict request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", PREDICT, body=body)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
+    status, _, raw = request(port, "POST", PREDICT, body, raw=True)
+    return status, raw
 
 
 def test_float32_overflow_becomes_infinity_and_the_answer_shows_it(server):
@@ -176,7 +157,7 @@ def test_a_client_that_drops_mid_body_is_counted_499_not_500(server):
                   code=500) is None
     assert metric(server.port, "keras_tandem_http_errors_total", kind="internal") is None
     assert metric(server.port, "keras_tandem_http_errors_total", kind="client_closed") >= 1
-    assert http_request(server.port, "POST", PREDICT, b'{"instances": [[0, 0, 0, 0]]}')[0] == 200
+    assert request(server.port, "POST", PREDICT, b'{"instances": [[0, 0, 0, 0]]}')[0] == 200
 
 
 def test_slowloris_sockets_are_closed_after_the_header_timeout(server):
@@ -187,7 +168,7 @@ def test_slowloris_sockets_are_closed_after_the_header_timeout(server):
             s.sendall(SLOW_HEADERS)
             s.setblocking(False)
         # A good client is answered while they hang.
-        assert http_request(server.port, "POST", PREDICT,
+        assert request(server.port, "POST", PREDICT,
                             b'{"instances": [[0, 0, 0, 0]]}')[0] == 200
         wait_until(lambda: all(closed_by_server(s) for s in socks), timeout_s=30,
                    message="slowloris sockets were not closed after the header timeout")
@@ -219,25 +200,15 @@ def test_bytes_in_flight_past_the_limit_get_503_with_retry_after():
             first.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 900\r\n\r\n" + padded[:450])
             wait_until(lambda: srv._app.inflight.used == 900)
-            status, headers, doc = http_request(srv.port, "POST", PREDICT, padded[:500])
+            status, headers, doc = request(srv.port, "POST", PREDICT, padded[:500])
             assert status == 503 and headers["Retry-After"] == "1"
             assert "--max-inflight-bytes" in doc["error"]
             first.sendall(padded[450:])
-            status, _, doc = split_reply(_read_reply(first))
+            status, _, doc = split_reply(read_reply(first))
             assert status == 200 and json.loads(doc)["predictions"] == [[1, 2, 3, 4]]
         wait_until(lambda: srv._app.inflight.used == 0)
-        assert http_request(srv.port, "POST", PREDICT, padded[:500])[0] == 200
+        assert request(srv.port, "POST", PREDICT, padded[:500])[0] == 200
     predictor.close()
-
-
-def _read_reply(sock):
-    reply = b""
-    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        reply += chunk
-    return reply
 
 
 def test_connections_over_the_cap_get_503_at_once_and_the_next_one_gets_in():
@@ -253,7 +224,7 @@ def test_connections_over_the_cap_get_503_at_once_and_the_next_one_gets_in():
         for s in idle:
             s.close()
         wait_until(lambda: srv._guard.open == 0)
-        assert http_request(srv.port, "GET", "/healthz")[0] == 200
+        assert request(srv.port, "GET", "/healthz")[0] == 200
     predictor.close()
 
 
@@ -336,7 +307,7 @@ def test_at_an_fd_limit_exhausted_by_slowloris_a_good_client_is_answered(tmp_pat
             # Each try is answered at once (200, or 503 at the cap, or a reset when
             # refusals come faster than they can linger), never left hanging.
             try:
-                status, _, _ = http_request(child.port, "POST", PREDICT,
+                status, _, _ = request(child.port, "POST", PREDICT,
                                             b'{"instances": [[0, 0, 0, 0]]}', timeout=30)
             except ConnectionError:  # reset, or broken pipe while sending
                 return False
@@ -367,10 +338,10 @@ def test_a_large_body_keeps_peak_memory_within_three_times_its_size(tmp_path):
         rows = 24 * 2**20 // (len(row) + 1)
         body = b'{"instances": [' + b",".join([row] * rows) + b"]}"
         small = b'{"instances": [' + b",".join([row] * 300) + b"]}"
-        assert http_request(child.port, "POST", PREDICT, small)[0] == 200  # warm every path
+        assert request(child.port, "POST", PREDICT, small)[0] == 200  # warm every path
         base = child.status("VmRSS")
         child.reset_peak()
-        status, _, doc = http_request(child.port, "POST", PREDICT, body, timeout=120)
+        status, _, doc = request(child.port, "POST", PREDICT, body, timeout=120)
         assert status == 200 and len(doc["predictions"]) == rows
         peak = child.status("VmHWM") - base
         assert peak <= 3 * len(body), f"peak {peak / 2**20:.0f} MiB over the baseline " \

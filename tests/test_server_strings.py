@@ -5,15 +5,11 @@ the fixture) serves a saved `TextVectorization` model; its answers must
 equal `model.predict` on the same strings.
 """
 
-import http.client
-import json
-import socket
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
+
+from _http import cli_serve, request
 
 TEXTS = ["a short text", "the cat sat on the mat", "", "words it never saw"]
 
@@ -28,14 +24,8 @@ def text_model():
 
 
 def post(port, body):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request("POST", "/v1/models/text:predict", body=data)
-        r = conn.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        conn.close()
+    status, _, doc = request(port, "POST", "/v1/models/text:predict", body)
+    return status, doc
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +34,10 @@ def served(tmp_path_factory):
     model = text_model()
     model.save(path)
     expected = model.predict(np.array(TEXTS, dtype=object), verbose=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keras_tandem.cli", "serve", str(path), "--port", str(port),
-         "--max-batch-size", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:  # ends when the process does
-            lines.append(line)
-            if line.startswith("serving"):
-                break
-        assert lines and lines[-1].startswith("serving"), "".join(lines)
-        yield port, expected
-    finally:
-        proc.send_signal(2)
-        try:
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with cli_serve(path, "--max-batch-size", "4") as cli:
+        assert cli.lines and cli.lines[-1].startswith("serving"), "".join(cli.lines)
+        yield cli.port, expected
+    assert cli.proc.returncode == 0
 
 
 def test_one_short_text_answers_200_as_model_predict(served):
@@ -103,12 +75,7 @@ def test_string_outputs_answer_as_json_strings_and_metadata_says_dt_string():
         status, doc = post(port, {"instances": [[1, 2], [2, 0]]})
         assert status == 200, doc
         assert doc["predictions"] == [["cat", "dog"], ["dog", "[UNK]"]]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            conn.request("GET", "/v1/models/text/metadata")
-            meta = json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
+        _, _, meta = request(port, "GET", "/v1/models/text/metadata")
     signature = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
     (output,) = signature["outputs"].values()
     assert output["dtype"] == "DT_STRING"

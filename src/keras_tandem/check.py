@@ -285,11 +285,9 @@ class InputMaker:
 
     def pack(self, flat: Sequence[Any]) -> Any:
         """Arranges flat per-input values in the structure the model takes."""
-        if self.structure == "single":
-            return flat[0]
-        if self.structure == "dict":
-            return {s.name: v for s, v in zip(self.specs, flat)}
-        return list(flat)
+        from keras_tandem.serving.specs import pack_inputs
+
+        return pack_inputs(self.structure, self.specs, flat)
 
 
 def _structure_of(model: Any, count: int) -> str:

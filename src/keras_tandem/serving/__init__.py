@@ -6,7 +6,7 @@ rules (`_batching.py`), the model's input signature and request validation
 the forward pass (`_forward.py`: the backend-neutral interface the worker
 uses; `_forward_tf.py`: TensorFlow's implementation; `_tf_private.py`: every
 private TensorFlow call, checked at warm-up). `specs.py` names what other
-packages may use (`ArraySpec`, `castable`, `bucket_sizes`).
+packages may use (`ArraySpec`, `castable`, `pack_inputs`, `bucket_sizes`).
 
 Must not import: `training`, `data`, `cluster`, `server`, `bench`. Only the
 `_forward_*` modules and `_tf_private.py` may import a backend (TensorFlow),

@@ -99,6 +99,22 @@ def to_numpy_dtype(dtype: Any) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, str(name)))
 
 
+def pack_inputs(structure: str, specs: Sequence[Any], flat: Sequence[Any]) -> Any:
+    """Arranges flat per-input values in a model's input structure.
+
+    Args:
+        structure: "single" (the one value), "dict" (keyed by input name) or
+            "list".
+        specs: one spec per input, each with a `name`, in the order of `flat`.
+        flat: one value per input.
+    """
+    if structure == "single":
+        return flat[0]
+    if structure == "dict":
+        return {s.name: v for s, v in zip(specs, flat)}
+    return list(flat)
+
+
 def _field(name: str, shape: Sequence[Any], dtype: Any) -> ArraySpec:
     per_example = tuple(shape)[1:]
     if any(d is None for d in per_example):
@@ -186,11 +202,7 @@ class InputSignature:
 
     def pack(self, flat: Sequence[Any]) -> Any:
         """Arranges flat per-input values in the structure the model is called with."""
-        if self.structure == "single":
-            return flat[0]
-        if self.structure == "dict":
-            return {f.name: v for f, v in zip(self.fields, flat)}
-        return list(flat)
+        return pack_inputs(self.structure, self.fields, flat)
 
     def parse(self, x: Any) -> tuple[tuple[np.ndarray, ...], int, bool]:
         """Checks one request and converts it to the model's dtypes.

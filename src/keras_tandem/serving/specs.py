@@ -1,13 +1,13 @@
 """What the serving package shares with the rest of keras_tandem (the server, benchmarks).
 
 Separation of concerns: the definitions live beside the code that relies on
-them (`ArraySpec` and `castable` with request validation in `_signature.py`,
+them (`ArraySpec`, `castable` and `pack_inputs` with request validation in `_signature.py`,
 `bucket_sizes` with the forward pass in `_forward.py`); this module only
 names them for other packages, so that a rule changes in one place and
 nothing outside `serving` imports its private modules. No TensorFlow.
 """
 
 from keras_tandem.serving._forward import bucket_sizes
-from keras_tandem.serving._signature import ArraySpec, castable
+from keras_tandem.serving._signature import ArraySpec, castable, pack_inputs
 
-__all__ = ["ArraySpec", "bucket_sizes", "castable"]
+__all__ = ["ArraySpec", "bucket_sizes", "castable", "pack_inputs"]
