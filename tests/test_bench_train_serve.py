@@ -24,6 +24,9 @@ def test_train_serve_bench_reports_every_ratio(tmp_path, capsys):
         assert name in doc["ratios"] and f"\n{name}=" in printed
     assert doc["ratios"]["train_vs_alone"] > 0 and doc["ratios"]["train_vs_alone_naive"] is None
     assert rows["Predictor, open loop"]["mean_batch"] >= 1
+    for case in ("Predictor, open loop", "Predictor, closed loop"):  # CPU per answer
+        assert rows[case]["cpu_us"] > 0 and rows[case]["serve_cpu_us"] is not None
+    assert "cpu_us" in doc["ratios"] and "\ncpu_us=" in printed
     assert doc["config"]["max_delay_ms"] > 0
 
 

@@ -17,21 +17,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _models import mlp
 from _zoo import ZOO
 from keras_tandem import Predictor
 from keras_tandem.server._metrics import BatchSizeHistogram, ServerMetrics
 from keras_tandem.serving import _forward, _forward_choice, _forward_keras, _tf_private
 from keras_tandem.serving._forward_tf import TensorFlowForward
 from keras_tandem.serving.specs import bucket_sizes
-
-
-def mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(4),
-    ])
 
 
 @pytest.fixture

@@ -7,15 +7,20 @@ per request, as a threaded Flask app does it; `_naive_http`, in a child
 process), each driven from a separate
 load-generator process (`wrk` if installed, else a Python keep-alive
 client; `_loadgen`) with single-example requests at several connection
-counts. Reports requests/s, p50/p99 latency, mean batch size and errors.
+counts. Reports requests/s, the serving process's CPU per answered request
+(`cpu_us`: `time.process_time` for keras-tandem, served from this process;
+`/proc/PID/stat` for the naive child), p50/p99 latency, mean batch size and
+errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -61,6 +66,10 @@ class NaiveServer:
             raise RuntimeError(f"the naive server did not start (printed {line!r})")
         self.url = f"http://127.0.0.1:{int(line.split()[1])}"
 
+    def cpu_s(self) -> float:
+        """The child's CPU time so far (user + system, all its threads), in seconds."""
+        return child_cpu_s(self._proc.pid)
+
     def stop(self) -> None:
         """Closes its stdin (it exits) and waits for it."""
         try:
@@ -69,6 +78,14 @@ class NaiveServer:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+
+
+def child_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from `/proc/PID/stat`."""
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields after the command name, which may hold spaces: utime, stime are 14 and 15.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------- the run
@@ -85,11 +102,17 @@ def _warm(url: str, body: bytes) -> None:
 
 
 def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
-             duration_s: float, predictor: Any = None) -> dict[str, Any]:
+             duration_s: float, predictor: Any = None, cpu_s: Any = time.process_time,
+             ) -> dict[str, Any]:
     before = predictor.stats() if predictor is not None else None
+    cpu = cpu_s()
     res = run_load(tool, url, body, connections, duration_s)
+    cpu = cpu_s() - cpu
+    answered = res["requests"] - res["errors"]
     row = {"technique": technique, "connections": connections,
-           "req_per_s": res["req_per_s"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+           "req_per_s": res["req_per_s"],
+           "cpu_us": cpu / answered * 1e6 if answered > 0 else None,
+           "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
            "requests": res["requests"], "errors": res["errors"], "mean_batch_size": None}
     if predictor is not None:
         after = predictor.stats()
@@ -98,6 +121,7 @@ def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
             before["mean_batch_size"] * before["batches"]
         row["mean_batch_size"] = rows / batches if batches else 0.0
     console.print(f"  {technique:>13} c={connections:<4} {row['req_per_s']:9.1f} req/s  "
+                  f"cpu {row['cpu_us'] or 0:7.1f} us/req  "
                   f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
                   f"errors {row['errors']}")
     return row
@@ -139,12 +163,13 @@ def run(args: argparse.Namespace) -> int:
             _warm(naive.url, body)
             for c in naive_levels:
                 rows.append(_measure("naive", tool, naive.url, body, c,
-                                     max(duration, 4.0) if c > 1 else duration))
+                                     max(duration, 4.0) if c > 1 else duration,
+                                     cpu_s=naive.cpu_s))
         finally:
             naive.stop()
 
     ratios = _ratios(rows)
-    columns = ["technique", "connections", "req_per_s", "p50_ms", "p99_ms",
+    columns = ["technique", "connections", "req_per_s", "cpu_us", "p50_ms", "p99_ms",
                "mean_batch_size", "requests", "errors"]
     print_table("HTTP serving, single-example requests (MLP 784-256-256-10)", rows, columns)
     print(f"load_generator={tool}", flush=True)
@@ -169,6 +194,7 @@ def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         "p50_ms": t["p50_ms"] if t else None,
         "p99_ms": t["p99_ms"] if t else None,
         "mean_batch_size": t["mean_batch_size"] if t else None,
+        "cpu_us": t["cpu_us"] if t else None,
         "naive_req_per_s": n["req_per_s"] if n else None,
         "naive_p99_ms": n["p99_ms"] if n else None,
         "throughput_vs_naive": t["req_per_s"] / n["req_per_s"]

@@ -4,14 +4,18 @@ One run measures, at each client-thread count, single-example requests
 through: (a) `model.predict` in every thread, (b) `model(x)` in every thread
 (both in a child process, since they can abort it), (c) a lock around
 `model.predict_on_batch`, (d) the Predictor, and the hand-off ceiling (a
-worker that wakes its callers and does no inference); then offline
-`model.predict(X, batch_size=256)` in samples/s. Ratios compare rows of
-the same run.
+worker that wakes its callers and does no inference); then the Predictor
+from N coroutines on one asyncio loop (`apredict`); then offline
+`model.predict(X, batch_size=256)` in samples/s. Each row measured in this
+process also has `cpu_us`: the process's CPU time (all its threads, from
+`time.process_time`) per answered request. Ratios compare rows of the same
+run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -26,7 +30,8 @@ from keras_tandem.bench._clients import run_clients
 from keras_tandem.bench._handoff import HandOff
 from keras_tandem.bench._models import build_model, example_shape
 
-COLUMNS = ["technique", "threads", "rps", "p50_ms", "p99_ms", "mean_batch", "errors"]
+COLUMNS = ["technique", "threads", "rps", "cpu_us", "p50_ms", "p99_ms", "mean_batch", "errors"]
+ASYNC = "Predictor apredict (asyncio)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mlp (784-256-256-10), cnn (32x32x3) or a .keras file")
     parser.add_argument("--threads", default="1,4,16,64",
                         help="comma-separated client thread counts (default 1,4,16,64)")
+    parser.add_argument("--coroutines", default="64,512",
+                        help="comma-separated counts of apredict coroutines on one asyncio "
+                             "loop (default 64,512; the largest is async_vs_threads')")
     parser.add_argument("--duration", type=float, default=3.0,
                         help="seconds per measurement (default 3; --quick uses 1)")
     parser.add_argument("--quick", action="store_true", help="short run, under a minute")
@@ -53,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     duration = 1.0 if args.quick else args.duration
     thread_counts = [int(t) for t in args.threads.split(",")]
+    coroutine_counts = [int(c) for c in args.coroutines.split(",") if c]
     model = build_model(args.model)
     shape = example_shape(model)
     rng = np.random.default_rng(1)
@@ -63,14 +72,18 @@ def run(args: argparse.Namespace) -> int:
                   f"threads={thread_counts} {duration:g} s each")
     rows: list[dict[str, Any]] = []
 
-    def measure(technique: str, threads: int, call, data, mean_batch=1.0, before=None):
+    def measure(technique: str, threads: int, call, data, mean_batch=1.0, before=None,
+                clients=run_clients):
+        cpu = time.process_time()
         row = {"technique": technique, "threads": threads,
-               **run_clients(call, data, threads, duration), "mean_batch": mean_batch}
+               **clients(call, data, threads, duration), "mean_batch": mean_batch}
+        row["cpu_us"] = _cpu_us(time.process_time() - cpu, row["requests"])
         if before is not None:
             row["mean_batch"] = before()
         rows.append(row)
         console.print(f"  {technique:<28} {threads:>3} threads: {row['rps']:>10,.0f} req/s  "
-                      f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms")
+                      f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
+                      f"cpu {row['cpu_us'] or 0:7.1f} us/req")
         return row
 
     handoff = HandOff()
@@ -95,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
                 return (s1["requests"] - s0["requests"]) / max(1, s1["batches"] - s0["batches"])
 
             measure("Predictor", threads, predictor.predict, inputs, before=mean_batch)
+        for coroutines in coroutine_counts:
+            s0 = predictor.stats()
+
+            def mean_batch(s0=s0):
+                s1 = predictor.stats()
+                return (s1["requests"] - s0["requests"]) / max(1, s1["batches"] - s0["batches"])
+
+            measure(ASYNC, coroutines, predictor.apredict, inputs, before=mean_batch,
+                    clients=run_coroutines)
     handoff.close()
 
     offline = _offline(model, shape, 4096 if args.quick else 16384)
@@ -104,10 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_naive:
         rows.extend(_naive_rows(args.model, duration, thread_counts))
 
-    ratios = _ratios(rows, thread_counts)
+    ratios = _ratios(rows, thread_counts, coroutine_counts)
     _report.print_table(f"predict from threads ({args.model})", rows, COLUMNS)
     _report.print_ratios(ratios)
-    config = {"model": args.model, "threads": thread_counts, "duration_s": duration,
+    config = {"model": args.model, "threads": thread_counts, "coroutines": coroutine_counts,
+              "duration_s": duration,
               **kwargs, "quick": bool(args.quick)}
     if args.json:
         _report.write_json(args.json, "predict", config, rows, ratios)
@@ -115,6 +138,53 @@ def run(args: argparse.Namespace) -> int:
         plot(rows, args.plot, f"predict from threads ({args.model})")
         console.print(f"wrote {args.plot}")
     return 0
+
+
+def run_coroutines(call: Any, inputs: list[Any], coroutines: int,
+                   duration_s: float) -> dict[str, float]:
+    """`run_clients` for asyncio: `coroutines` closed-loop callers on one new event loop.
+
+    Args:
+        call: a coroutine function: `await call(x)` is one request.
+        inputs: example inputs; coroutine i sends `inputs[i % len(inputs)]`.
+        coroutines: number of concurrent callers.
+        duration_s: how long each keeps sending.
+
+    Returns:
+        As `run_clients`.
+    """
+    now = time.perf_counter
+    latencies: list[list[float]] = [[] for _ in range(coroutines)]
+    errors = [0] * coroutines
+
+    async def client(i: int, end: float) -> None:
+        x = inputs[i % len(inputs)]
+        mine = latencies[i]
+        t = now()
+        while t < end:
+            try:
+                await call(x)
+            except Exception:  # noqa: BLE001 - counted, as in run_clients
+                errors[i] += 1
+            t2 = now()
+            mine.append(t2 - t)
+            t = t2
+
+    async def main() -> float:
+        began = now()
+        await asyncio.gather(*(client(i, began + duration_s) for i in range(coroutines)))
+        return now() - began
+
+    wall = asyncio.run(main())
+    lat = np.concatenate([np.asarray(v) for v in latencies]) if any(latencies) else np.zeros(0)
+    done = len(lat) - sum(errors)
+    p50, p99 = (np.percentile(lat, [50, 99]) * 1e3) if len(lat) else (float("nan"),) * 2
+    return {"requests": int(done), "rps": done / wall, "p50_ms": float(p50),
+            "p99_ms": float(p99), "errors": int(sum(errors))}
+
+
+def _cpu_us(cpu_s: float, requests: int) -> float | None:
+    return cpu_s / requests * 1e6 if requests else None
 
 
 def _offline(model: Any, shape: tuple[int, ...], n: int) -> float:
@@ -162,7 +232,8 @@ def _find(rows: list[dict], technique: str, threads: int | None) -> dict | None:
     return None
 
 
-def _ratios(rows: list[dict], thread_counts: list[int]) -> dict[str, float | None]:
+def _ratios(rows: list[dict], thread_counts: list[int],
+            coroutine_counts: list[int] | None = None) -> dict[str, float | None]:
     top = max(thread_counts)
     low = min(thread_counts)
     pred, hand = _find(rows, "Predictor", top), _find(rows, "hand-off ceiling", top)
@@ -181,6 +252,10 @@ def _ratios(rows: list[dict], thread_counts: list[int]) -> dict[str, float | Non
         "latency_vs_direct": ratio(pred1, locked1, "p50_ms"),
         "throughput_vs_locked": ratio(pred, locked, "rps"),
         "throughput_vs_naive": ratio(pred, naive, "rps"),
+        # asyncio at the most coroutines against threads at 64 (else the most threads)
+        "async_vs_threads": ratio(
+            _find(rows, ASYNC, max(coroutine_counts)) if coroutine_counts else None,
+            _find(rows, "Predictor", 64 if 64 in thread_counts else top), "rps"),
     }
 
 
@@ -210,7 +285,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for ax, label in ((ax_rps, "requests/s"), (ax_p99, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("client threads")
+        ax.set_xlabel("clients (threads; coroutines for apredict)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_rps.legend(fontsize=8)

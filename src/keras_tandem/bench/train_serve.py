@@ -9,6 +9,12 @@ Predictor as fast as they can (closed loop). Each case is repeated and
 reported by its median (and minimum); ratios compare cases of the same
 process, so they mean the same on any machine.
 
+CPU per answered request: `cpu_us` is the process's CPU time (every thread,
+`time.process_time`) over a case, training included, per request answered
+in it; `serve_cpu_us` takes off what training alone spent per sample in the
+same repetition, times the samples trained: the CPU serving added, per
+answered request.
+
 Training is timed from the first `on_train_batch_begin` to the last
 `on_train_batch_end`, so tf.data iterator teardown (which can stall for
 seconds, see docs/design.md) is never counted. Open-loop latency runs from
@@ -50,6 +56,8 @@ COLUMNS = {
     "p50 ms": "p50_ms",
     "p99 ms": "p99_ms",                # open loop: from the time a request was due
     "p99 sent": "p99_sent_ms",         # from the time the client thread sent it
+    "cpu us": "cpu_us",                # process CPU per answered request, training included
+    "serve cpu us": "serve_cpu_us",    # the same less training alone's CPU per sample
     "published": "versions_published",
     "v served": "versions_served",
     "stall ms": "publish_ms_mean",     # training-thread stall per publish
@@ -292,6 +300,7 @@ class _Trainer:
 def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None,
           predictor: Any = None) -> dict[str, Any]:
     before = predictor.stats() if predictor is not None else None
+    cpu = time.process_time()
     if load is not None:
         load.start()
         time.sleep(0.2)  # the clients reach their pace before training starts
@@ -300,10 +309,16 @@ def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None,
     finally:
         if load is not None:
             load.stop()
+    cpu = time.process_time() - cpu
     t0, t1 = timer.first, timer.last
-    row = {"train_sps": timer.batches * trainer.batch_size / (t1 - t0), "train_s": t1 - t0}
+    samples = timer.batches * trainer.batch_size
+    row = {"train_sps": samples / (t1 - t0), "train_s": t1 - t0, "cpu_s": cpu,
+           "train_samples": samples}
     if load is not None:
         row.update(load.summary(t0, t1))
+        answered = sum(len(mine) for mine in load.records)  # over the whole case, as cpu_s
+        row["answered"] = answered
+        row["cpu_us"] = cpu / answered * 1e6 if answered else None
     if before is not None:
         after = predictor.stats()
         batches = after["batches"] - before["batches"]
@@ -460,16 +475,27 @@ def _combine(rows: list[dict]) -> list[dict]:
 
 
 def _pair_with_alone(raw: list[dict]) -> None:
-    """Sets each row's `train_vs_alone` against the "alone" run of its repetition and process."""
-    alone = {}
+    """Sets each row's `train_vs_alone` against the "alone" run of its repetition and process.
+
+    Also `serve_cpu_us`, where the CPU was measured: the case's CPU less the
+    alone run's CPU per training sample times the samples trained, per
+    answered request.
+    """
+    alone, alone_rows = {}, {}
     for r in raw:
         if r["case"].startswith("alone") and r.get("train_sps"):
             alone[(r["case"], r["rep"])] = r["train_sps"]
+            alone_rows[(r["case"], r["rep"])] = r
     for r in raw:
         naive = r["case"] in ("model.predict, open loop", "alone (naive process)")
-        base = alone.get(("alone (naive process)" if naive else "alone", r["rep"]))
+        key = ("alone (naive process)" if naive else "alone", r["rep"])
+        base = alone.get(key)
         if base and r.get("train_sps"):
             r["train_vs_alone"] = r["train_sps"] / base
+        a = alone_rows.get(key, {})
+        if r.get("answered") and a.get("cpu_s") and a.get("train_samples"):
+            training = a["cpu_s"] / a["train_samples"] * r["train_samples"]
+            r["serve_cpu_us"] = (r["cpu_s"] - training) / r["answered"] * 1e6
 
 
 def _ratios(rows: list[dict]) -> dict[str, float | None]:
@@ -489,6 +515,8 @@ def _ratios(rows: list[dict]) -> dict[str, float | None]:
         "p99_ms_closed": closed.get("p99_ms"),
         "publish_frac": open_.get("publish_frac"),
         "mean_batch": open_.get("mean_batch"),
+        "cpu_us": open_.get("cpu_us"),
+        "serve_cpu_us": open_.get("serve_cpu_us"),
     }
 
 

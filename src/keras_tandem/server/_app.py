@@ -1,10 +1,10 @@
 """The aiohttp application: routes, request handlers and error mapping.
 
 Owns: TF Serving's REST endpoints over one `ServedModel`, mapping the
-Predictor's errors to HTTP statuses, and `_Bridge`, which hands the
-Predictor's answers to the event loop with one wake-up per burst of answers
-(about one per batch) instead of one per request. Request formats live in
-`_protocol`, versions in `_repository`, metrics in `_metrics`; no prediction
+Predictor's errors to HTTP statuses. Requests are queued with
+`Predictor.submit(x, loop=...)`, the mechanism of `apredict`: the worker
+wakes the event loop once per batch rather than once per request. Request
+formats live in `_protocol`, versions in `_repository`, metrics in `_metrics`; no prediction
 logic lives here.
 
 Status codes: 400 bad JSON/shape/dtype (`InvalidInputError`), 404 unknown
@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from concurrent.futures import Future
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -48,69 +45,8 @@ _OFFLOAD_BYTES = 256 * 1024
 # Once no request is in flight after one this large, the heap's free pages go
 # back to the system (`release_free_memory`).
 _TRIM_BYTES = 4 * 1024 * 1024
-# The Predictor enforces its timeout_s when a batch starts; past it (plus
-# this margin) the server gives up on a request whose batch never started.
-_DEADLINE_MARGIN_S = 0.25
 _NAME = "{name:[^/:]+}"
 _VERSION = "{version:[^/:]+}"
-
-
-class _Bridge:
-    """Resolves asyncio futures from `concurrent.futures` ones set on other threads.
-
-    The Predictor's worker finishes a batch's requests back to back; the
-    first answer schedules one `_drain` on the loop, and the rest join it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._done: list[tuple[asyncio.Future, Future]] = []
-        self._scheduled = False
-
-    async def wait(self, future: Future, timeout_s: float) -> Any:
-        """Awaits `future`'s result; raises `TimeoutError` after `timeout_s`.
-
-        On timeout `future` is cancelled, so the Predictor skips it if it
-        has not started it yet.
-        """
-        waiter = self._loop.create_future()
-        future.add_done_callback(partial(self._on_done, waiter))
-        timer = self._loop.call_later(timeout_s, _expire, waiter, future, timeout_s)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-
-    def _on_done(self, waiter: asyncio.Future, future: Future) -> None:
-        with self._lock:
-            self._done.append((waiter, future))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
-            self._scheduled = False
-        for waiter, future in done:
-            if waiter.done():
-                continue
-            error = future.exception()
-            if error is None:
-                waiter.set_result(future.result())
-            else:
-                waiter.set_exception(error)
-
-
-def _expire(waiter: asyncio.Future, future: Future, timeout_s: float) -> None:
-    if not waiter.done():
-        future.cancel()
-        waiter.set_exception(TimeoutError(
-            f"No prediction within {timeout_s:g} s: the Predictor's worker is busy or stuck "
-            "(see /metrics for its queue depth). Retry later, or raise its timeout_s."))
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -164,8 +100,8 @@ class ModelApp:
         self.inflight = InflightBytes(max_inflight_bytes or 4 * self.max_body_bytes)
         self.body_timeout_s = float(body_timeout_s)
         self.logs = logs or RateLimitedLog(log)
-        self._bridge: _Bridge | None = None
         self._sampler: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def build(self) -> web.Application:
         """The aiohttp `Application` with every route."""
@@ -185,8 +121,7 @@ class ModelApp:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        loop = asyncio.get_running_loop()
-        self._bridge = _Bridge(loop)
+        loop = self._loop = asyncio.get_running_loop()
         self._schedule_sample(loop)
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -349,10 +284,9 @@ class ModelApp:
             else:
                 x, fmt = _parse(body, servable.inputs)
             del body  # the decoded input is all that is needed now
-            servable, future = self._submit(servable, x)
+            servable, answer = self._submit(servable, x)
             del x
-            outputs, weight_version = await self._bridge.wait(
-                future, servable.predictor.timeout_s + _DEADLINE_MARGIN_S)
+            outputs, weight_version = await answer
         except InvalidInputError as e:
             raise _Error(400, str(e), "invalid_input") from None
         except Overloaded as e:
@@ -382,14 +316,17 @@ class ModelApp:
             "X-Weight-Version": str(weight_version),
         })
 
-    def _submit(self, servable: Servable, x: Any) -> tuple[Servable, Future]:
+    def _submit(self, servable: Servable, x: Any) -> tuple[Servable, Any]:
+        # A future of the server's loop (a concurrent one before the app
+        # starts): answered through the Predictor's loop bridge, as apredict is.
+        loop = self._loop
         try:
-            return servable, servable.predictor.submit(x, return_version=True)
+            return servable, servable.predictor.submit(x, return_version=True, loop=loop)
         except PredictorClosed:
             current = self.served.current  # swapped out under us: the new one answers
             if current is None or current is servable:
                 raise
-            return current, current.predictor.submit(x, return_version=True)
+            return current, current.predictor.submit(x, return_version=True, loop=loop)
 
     def _unavailable(self, message: str, kind: str = "unavailable") -> _Error:
         return _Error(503, message, kind, retry_after=self.retry_after_s)

@@ -1,7 +1,8 @@
 """Serving: predictions from any number of threads, batched.
 
 Owns the `Predictor` (`predictor.py`), the request queue and its batching
-rules (`_batching.py`), the model's input signature and request validation
+rules (`_batching.py`), the hand-off of answers to asyncio event loops, one
+wake-up per batch per loop (`_loop_bridge.py`), the model's input signature and request validation
 (`_signature.py`), the counters behind `Predictor.stats()` (`_stats.py`) and
 the forward pass (`_forward.py`: the backend-neutral interface the worker
 uses; `_forward_tf.py`: TensorFlow's implementation; `_tf_private.py`: every

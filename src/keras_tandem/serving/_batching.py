@@ -1,8 +1,9 @@
 """The request queue between caller threads and the Predictor's worker.
 
 `Request` is one caller's work item: its input rows, how it is told the
-answer (a bare lock for `predict`, a `concurrent.futures.Future` for
-`submit`), its deadline, and once done its result or error and the weight
+answer (a bare lock for `predict`, a `concurrent.futures.Future` or a
+callback for `submit`, an asyncio future and its loop's bridge for
+`apredict`), its deadline, and once done its result or error and the weight
 version that produced it. `BatchQueue` is a bounded FIFO that the worker
 drains in batches of at most `max_rows` rows. `Clock` is where the queue
 reads the time and waits: the real one is `time.perf_counter` and
@@ -14,12 +15,14 @@ request is a handful of attribute writes, one lock hold and one wake-up.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any
 
 from keras_tandem.errors import Overloaded, PredictorClosed
 
+log = logging.getLogger("keras_tandem.serving")
 _get_ident = threading.get_ident
 # A caller thread counts as active (likely to send again soon) this long after its last request.
 _ACTIVE_S = 0.1
@@ -33,30 +36,40 @@ class Request:
     input, ready to be copied into the batch buffer (for a string input, the
     object array of its rows).
 
-    Exactly one of `waiter` (a held lock, released when the answer is ready)
-    and `future` is set. `more_follow` marks a chunk of a split request that
-    has further chunks queued right behind it: no weight swap may come
-    between them, so every chunk of one request sees one version.
+    Exactly one way of answering is set: `waiter` (a held lock, released
+    when the answer is ready), `future`, `callback` (called on the worker
+    thread with `(result, error)`), or `loop_future` (an asyncio future,
+    resolved on its loop by `bridge`, a `_loop_bridge.LoopBridge`, to which
+    the worker posts the batch's loop requests once the batch is answered:
+    `finish` and `fail` only store the answer for those; `timer` is the
+    loop's deadline for it). `more_follow`
+    marks a chunk of a split request that has further chunks queued right
+    behind it: no weight swap may come between them, so every chunk of one
+    request sees one version.
     """
 
     __slots__ = (
         "abandoned",
         "arrays",
+        "bridge",
+        "callback",
         "deadline",
         "enqueued",
         "error",
         "future",
+        "loop_future",
         "more_follow",
         "result",
         "rows",
         "single",
+        "timer",
         "version",
         "waiter",
         "with_version",
     )
 
     def __init__(self, arrays, rows, single, waiter, future, deadline, with_version=False,
-                 more_follow=False):
+                 more_follow=False, callback=None, loop_future=None, bridge=None):
         self.arrays = arrays
         self.rows = rows
         self.single = single
@@ -65,6 +78,10 @@ class Request:
         self.deadline = deadline
         self.with_version = with_version
         self.more_follow = more_follow
+        self.callback = callback
+        self.loop_future = loop_future
+        self.bridge = bridge
+        self.timer = None  # the loop's deadline timer of a loop request
         self.enqueued = 0.0
         self.result = None
         self.error = None
@@ -74,19 +91,36 @@ class Request:
     def finish(self, result: Any, version: int) -> None:
         """Hands the answer to the caller (called by the worker)."""
         self.version = version
-        if self.future is None:
-            self.result = result
-            self.waiter.release()
-        else:
+        if self.future is not None:
             self.future.set_result((result, version) if self.with_version else result)
+        elif self.callback is not None:
+            self._call_back((result, version) if self.with_version else result, None)
+        else:
+            self.result = result
+            if self.waiter is not None:
+                self.waiter.release()
 
     def fail(self, error: BaseException) -> None:
         """Hands an error to the caller (called by the worker)."""
-        if self.future is None:
-            self.error = error
-            self.waiter.release()
-        else:
+        if self.future is not None:
             self.future.set_exception(error)
+        elif self.callback is not None:
+            self._call_back(None, error)
+        else:
+            self.error = error
+            if self.waiter is not None:
+                self.waiter.release()
+
+    def _call_back(self, result: Any, error: BaseException | None) -> None:
+        call_back(self.callback, result, error)
+
+
+def call_back(callback: Any, result: Any, error: BaseException | None) -> None:
+    """Calls a `submit(callback=...)` callback; what it raises is logged, never propagated."""
+    try:
+        callback(result, error)
+    except Exception:  # a caller's bug must not stop the worker or fail the batch
+        log.exception("A submit(callback=...) callback raised; the worker goes on.")
 
 
 class Clock:

@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
 import time
 import weakref
 from _thread import allocate_lock
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
 from keras_tandem.errors import PredictionFailed, PredictorClosed
-from keras_tandem.serving._batching import BatchQueue, Request
+from keras_tandem.serving._batching import BatchQueue, Request, call_back
 from keras_tandem.serving._forward import ForwardPass
 from keras_tandem.serving._forward_choice import make_forward
+from keras_tandem.serving._loop_bridge import bridge_for, post_answers
 from keras_tandem.serving._signature import ArraySpec, InputSignature
 from keras_tandem.serving._stats import ServingStats
 
@@ -207,26 +210,65 @@ class Predictor:
             result, version = request.result, request.version
         return (result, version) if return_version else result
 
-    def submit(self, x: Any, *, return_version: bool = False) -> Future:
+    def submit(self, x: Any, *, return_version: bool = False,
+               callback: Callable[[Any, BaseException | None], None] | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Any:
         """Queues a prediction and returns at once.
 
         Args:
             x: as for `predict`.
-            return_version: the future then resolves to `(outputs, version)`.
+            return_version: the answer is then `(outputs, version)`.
+            callback: instead of a future, `callback(result, error)` is
+                called once with the answer and `None`, or `None` and the
+                error (`TimeoutError` when the deadline passed before the
+                request's batch started, `PredictionFailed`). It runs on the
+                Predictor's worker thread (for a request split into several
+                batches, on whichever thread finished the last one): it must
+                be cheap and must never block; hand the answer on rather
+                than work in it. What it raises is logged and ignored.
+                Nothing calls it while the worker is stuck in a forward
+                pass: keep your own deadline. No `Future` is made.
+            loop: instead of a `concurrent.futures.Future`, return a future
+                of this asyncio event loop, which must be the running loop
+                of the calling thread. The worker resolves the futures of
+                one loop with one wake-up per batch; the future fails with
+                `TimeoutError` after `timeout_s`, and cancelling it drops
+                the request. `apredict` is this, awaited.
 
         Returns:
-            A `concurrent.futures.Future` of what `predict` returns. Input
-            errors, `Overloaded` and `PredictorClosed` are raised here, not
-            through the future.
+            A `concurrent.futures.Future` of what `predict` returns; None
+            with `callback`; an `asyncio.Future` with `loop`. Input errors,
+            `Overloaded` and `PredictorClosed` are raised here, not through
+            the future or the callback.
         """
+        if callback is not None and loop is not None:
+            raise ValueError("submit() takes a callback or a loop, not both.")
         arrays, rows, single = self._parse(x)
         deadline = _now() + self.timeout_s
+        if rows > self.max_batch_size:
+            return self._submit_chunks(arrays, rows, deadline, return_version, callback, loop)
+        if loop is not None:
+            answer = loop.create_future()
+            request = Request(_as_bytes(arrays), rows, single, None, None, deadline,
+                              with_version=return_version, loop_future=answer,
+                              bridge=bridge_for(loop))
+            self._queue.put(request)
+            request.timer = loop.call_later(self.timeout_s, self._expire, answer)
+            return answer
+        if callback is not None:
+            self._queue.put(Request(_as_bytes(arrays), rows, single, None, None, deadline,
+                                    with_version=return_version, callback=callback))
+            return None
         future: Future = Future()
-        if rows <= self.max_batch_size:
-            self._queue.put(Request(_as_bytes(arrays), rows, single, None, future, deadline,
-                                    with_version=return_version))
-            return future
+        self._queue.put(Request(_as_bytes(arrays), rows, single, None, future, deadline,
+                                with_version=return_version))
+        return future
+
+    def _submit_chunks(self, arrays, rows: int, deadline: float, return_version: bool,
+                       callback, loop) -> Any:
+        """`submit` for a request larger than `max_batch_size`: chunks queued together."""
         chunks = self._put_chunks(arrays, rows, deadline)
+        future = Future() if callback is None else None
         remaining = [len(chunks)]
         lock = threading.Lock()
 
@@ -237,18 +279,73 @@ class Predictor:
                     return
             try:
                 result, version = self._gather(chunks, deadline)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's future
-                future.set_exception(e)
+                answer = (result, version) if return_version else result
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                answer, error = None, e
             else:
-                future.set_result((result, version) if return_version else result)
+                error = None
+            if callback is not None:
+                call_back(callback, answer, error)
+            elif future.cancelled():
+                return
+            elif error is None:
+                future.set_result(answer)
+            else:
+                future.set_exception(error)
 
         for c in chunks:
             c.add_done_callback(chunk_done)
-        return future
+        if loop is None:
+            return future
+        # Rare (one request over max_batch_size rows): one wake-up of its own.
+        answer = loop.create_future()
+        timer = loop.call_later(self.timeout_s, self._expire, answer)
+
+        def resolve(_):
+            timer.cancel()
+            if answer.done():
+                return
+            if future.exception() is not None:
+                answer.set_exception(future.exception())
+            else:
+                answer.set_result(future.result())
+
+        def cancel_chunks(_):
+            if answer.cancelled():
+                future.cancel()
+
+        answer.add_done_callback(cancel_chunks)
+        future.add_done_callback(
+            lambda f: None if f.cancelled() else _call_soon_threadsafe(loop, resolve, f))
+        return answer
 
     async def apredict(self, x: Any, *, return_version: bool = False) -> Any:
-        """`predict` for asyncio: awaits the answer without blocking the loop."""
-        return await asyncio.wrap_future(self.submit(x, return_version=return_version))
+        """`predict` for asyncio: awaits the answer without blocking the event loop.
+
+        Requests from one event loop share one hand-off: the worker wakes
+        the loop once per batch and resolves all of that batch's answers
+        for the loop at once (`submit(x, loop=...)`). Cancelling the
+        awaiting task drops the request (skipped if its batch has not
+        started).
+
+        Args:
+            x: as for `predict`.
+            return_version: also return the weight version that answered.
+
+        Returns:
+            As `predict`.
+
+        Raises:
+            As `predict`: input errors, `Overloaded` and `PredictorClosed`
+            at once, `TimeoutError` after `timeout_s`.
+        """
+        return await self.submit(x, return_version=return_version,
+                                 loop=asyncio.get_running_loop())
+
+    def _expire(self, answer: asyncio.Future) -> None:
+        # On the caller's loop, timeout_s after a loop request was queued.
+        if not answer.done():
+            answer.set_exception(self._timeout_error())
 
     def update_weights(self, source: Any) -> int:
         """Swaps in new weights between two batches and returns their version.
@@ -434,6 +531,9 @@ class Predictor:
             except BaseException as e:  # noqa: BLE001 - a bug here must not strand callers
                 for r in batch:
                     r.fail(e)
+                on_loops = [r for r in batch if r.bridge is not None]
+                if on_loops:
+                    post_answers(on_loops)
             self._queue.note_pass(_now() - started)
         self._apply_swaps()
         with self._swap_lock:
@@ -459,16 +559,32 @@ class Predictor:
     def _run_batch(self, batch: list[Request]) -> None:
         now = _now()
         live = []
+        on_loops = None  # apredict requests: answered through their loops' bridges
         for r in batch:
-            if r.future is None:
+            if r.waiter is not None:  # predict: the hot path, one test
                 if not r.abandoned:
                     live.append(r)
+                continue
+            if r.bridge is not None:
+                if on_loops is None:
+                    on_loops = []
+                on_loops.append(r)  # even if skipped: the drain cancels its timer
+                if r.loop_future.done():  # cancelled, or timed out on its loop
+                    continue
+                if r.deadline < now:
+                    r.fail(self._timeout_error())
+                else:
+                    live.append(r)
             elif r.deadline < now:
-                r.future.set_exception(self._timeout_error())
-            elif r.future.set_running_or_notify_cancel():
+                r.fail(self._timeout_error())
+            elif r.future is None or r.future.set_running_or_notify_cancel():
                 live.append(r)
-        if not live:
-            return
+        if live:
+            self._answer(live)
+        if on_loops is not None:
+            post_answers(on_loops)
+
+    def _answer(self, live: list[Request]) -> None:
         forward = self._forward
         rows = 0
         for r in live:
@@ -513,6 +629,11 @@ class Predictor:
                 r.finish(pack([o[pos] if r.single else o[pos:pos + n] for o in outputs]),
                          version)
                 pos += n
+
+
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable, arg: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(fn, arg)
 
 
 def _as_bytes(arrays) -> tuple[Any, ...]:
