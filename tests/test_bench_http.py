@@ -1,24 +1,75 @@
-"""`tandem bench http` end to end, tiny: rows with CPU per answered request."""
+"""`tandem bench http` end to end, tiny: rows with CPU per answered request, the HTTP ceiling."""
 
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
 
 from _poll import wait_until
-from keras_tandem.bench.http import child_cpu_s
+from keras_tandem.bench._http_ceiling import CeilingServer
+from keras_tandem.bench.http import CEILING, RATIO_AT, child_cpu_s
+from keras_tandem.serving.specs import ArraySpec
 
 
-def test_bench_http_reports_cpu_per_answered_request(tmp_path):
-    out = tmp_path / "http.json"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny `tandem bench http --json` run, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("bench_http") / "http.json"
     proc = subprocess.run(
         [sys.executable, "-m", "keras_tandem.cli", "bench", "http", "--quick", "--skip-naive",
-         "--connections", "4", "--duration", "0.3", "--loadgen", "python", "--json", str(out)],
+         "--connections", "4", str(RATIO_AT), "--duration", "0.3", "--loadgen", "python",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["technique"] == "keras-tandem" and row["requests"] > 0 and row["errors"] == 0
-    assert row["cpu_us"] > 0
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_http_reports_cpu_per_answered_request(tiny_run):
+    doc, _ = tiny_run
+    rows = [r for r in doc["rows"] if r["technique"] == "keras-tandem"]
+    assert [r["connections"] for r in rows] == [4, RATIO_AT]
+    for row in rows:
+        assert row["requests"] > 0 and row["errors"] == 0
+        assert row["cpu_us"] > 0
+
+
+def test_bench_http_reports_the_http_ceiling_and_the_ratio_to_it(tiny_run):
+    doc, stdout = tiny_run
+    ceiling = {r["connections"]: r for r in doc["rows"] if r["technique"] == CEILING}
+    assert sorted(ceiling) == [4, RATIO_AT]
+    for row in ceiling.values():
+        assert row["requests"] > 0 and row["errors"] == 0 and row["req_per_s"] > 0
+    tandem = next(r for r in doc["rows"]
+                  if r["technique"] == "keras-tandem" and r["connections"] == RATIO_AT)
+    ratios = doc["ratios"]
+    assert ratios["ceiling_req_per_s"] == ceiling[RATIO_AT]["req_per_s"]
+    assert ratios["http_vs_ceiling"] == pytest.approx(
+        tandem["req_per_s"] / ceiling[RATIO_AT]["req_per_s"])
+    assert "http_vs_ceiling=" in stdout
+
+
+def test_ceiling_server_parses_the_body_and_answers_a_canned_prediction():
+    fields = [ArraySpec("x", (3,), np.dtype("float32"))]
+    with CeilingServer("m", fields, [0.5, 0.25]) as server:
+        ok = _post(f"{server.url}/v1/models/m:predict", b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
+        assert ok == (200, {"predictions": [[0.5, 0.25], [0.5, 0.25]]})
+        # Not parsed, so not answered: the parser is really on the path.
+        assert _post(f"{server.url}/v1/models/m:predict", b'{"instances": 7}')[0] == 500
+        assert server.parsed == 1
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
 
 
 def test_child_cpu_counts_the_cpu_a_child_process_burns():

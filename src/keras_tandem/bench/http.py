@@ -4,13 +4,17 @@ Owns the `tandem bench http` scenario: an MLP (784-256-256-10) served on
 127.0.0.1 by `keras_tandem.serve` and, in the same run, by the naive way
 (stdlib `ThreadingHTTPServer`, one thread per connection, `model.predict`
 per request, as a threaded Flask app does it; `_naive_http`, in a child
-process), each driven from a separate
+process), and by the HTTP ceiling (`_http_ceiling`: the same aiohttp
+framework and request body, parsed by the server's own parser, a canned
+answer, no inference; on a thread of this process, as `tandem serve` is
+here), each driven from a separate
 load-generator process (`wrk` if installed, else a Python keep-alive
 client; `_loadgen`) with single-example requests at several connection
 counts. Reports requests/s, the serving process's CPU per answered request
 (`cpu_us`: `time.process_time` for keras-tandem, served from this process;
 `/proc/PID/stat` for the naive child), p50/p99 latency, mean batch size and
-errors.
+errors, and `http_vs_ceiling` (keras-tandem's req/s over the ceiling's at
+64 connections).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from keras_tandem.bench._http_ceiling import CeilingServer
 from keras_tandem.bench._loadgen import run_load, which_loadgen
 from keras_tandem.bench._models import build_model
 from keras_tandem.bench._report import console, print_ratios, print_table, write_json
 
 CONNECTIONS = (1, 16, 64, 256)
 RATIO_AT = 64
+CEILING = "http-ceiling"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,8 +160,17 @@ def run(args: argparse.Namespace) -> int:
             for c in levels:
                 run_load(tool, url, body, c, warm_s)
                 rows.append(_measure("keras-tandem", tool, url, body, c, duration, predictor))
+        fields = predictor.inputs
+        canned = [0.0] * int(np.prod(predictor.outputs[0].shape))
     finally:
         predictor.close()
+
+    with CeilingServer("mlp", fields, canned) as ceiling:
+        url = f"{ceiling.url}/v1/models/mlp:predict"
+        _warm(url, body)
+        for c in levels:
+            run_load(tool, url, body, c, warm_s)
+            rows.append(_measure(CEILING, tool, url, body, c, duration))
 
     if not args.skip_naive:
         naive = NaiveServer("mlp")
@@ -189,6 +204,7 @@ def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
                      and r["connections"] == c), None)
 
     t, n = at("keras-tandem", RATIO_AT), at("naive", RATIO_AT)
+    h = at(CEILING, RATIO_AT)
     ratios: dict[str, float | None] = {
         "req_per_s": t["req_per_s"] if t else None,
         "p50_ms": t["p50_ms"] if t else None,
@@ -200,6 +216,10 @@ def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         "throughput_vs_naive": t["req_per_s"] / n["req_per_s"]
         if t and n and n["req_per_s"] else None,
         "p99_vs_naive": t["p99_ms"] / n["p99_ms"] if t and n and n["p99_ms"] else None,
+        "ceiling_req_per_s": h["req_per_s"] if h else None,
+        "ceiling_p99_ms": h["p99_ms"] if h else None,
+        "http_vs_ceiling": t["req_per_s"] / h["req_per_s"]
+        if t and h and h["req_per_s"] else None,
         "errors": float(sum(r["errors"] for r in rows if r["technique"] == "keras-tandem")),
     }
     return ratios

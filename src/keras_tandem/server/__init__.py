@@ -11,10 +11,13 @@ base directory; `_metrics` exposes Prometheus metrics; `_connections`
 from taking the process down; `cli` is `tandem serve`. All batching and
 prediction logic stays in `Predictor`.
 `locate_model` and `load_keras_model` are how the server finds and loads a
-model, named here for `tandem check`.
+model, named here for `tandem check`; `parse_predict_body`, how it parses a
+`:predict` body, for the HTTP ceiling of `tandem bench http`.
 """
 
+from keras_tandem.server._protocol import parse_predict_body
 from keras_tandem.server._repository import load_keras_model, locate_model
 from keras_tandem.server._serve import DEFAULT_MAX_BODY_BYTES, ServerHandle, serve
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerHandle", "load_keras_model", "locate_model", "serve"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerHandle", "load_keras_model", "locate_model",
+           "parse_predict_body", "serve"]
