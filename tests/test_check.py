@@ -103,7 +103,7 @@ def test_a_base_directory_skips_a_newest_version_still_being_written(saved, tmp_
     (lambda folder: folder / "missing.keras", "does not exist"),
     (_text_file, "not a complete .keras file"),
     (lambda folder: folder, "no numbered version subdirectory"),
-    (_saved_model, "SavedModels are not supported yet"),
+    (_saved_model, "is not a valid SavedModel"),
 ])
 def test_a_path_that_is_not_a_servable_model_fails_with_the_reason(tmp_path, make, reason):
     target = tmp_path / "target"

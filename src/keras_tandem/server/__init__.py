@@ -4,7 +4,8 @@ A thin layer over `Predictor`: `serve()` (in `_serve`) runs an aiohttp
 server on a background thread; `_app` maps TF Serving's endpoints and error
 statuses onto the Predictor's API; `_protocol` owns the JSON formats;
 `_repository` decides which Predictor answers and loads new versions from a
-base directory; `_metrics` exposes Prometheus metrics; `_connections`
+base directory; `_savedmodel` turns a SavedModel's signatures into Keras
+models and its `signature_def` into metadata; `_metrics` exposes Prometheus metrics; `_connections`
 (the socket, the connection cap, HTTP parse errors as JSON), `_limits`
 (memory and descriptor limits, the byte budget, rate-limited logs) and
 `_json_arrays` (large numeric bodies decoded in pieces) keep abusive clients

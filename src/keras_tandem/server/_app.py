@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -32,9 +33,16 @@ from aiohttp.web_protocol import RequestPayloadError
 from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
 from keras_tandem.server._limits import InflightBytes, RateLimitedLog, release_free_memory
 from keras_tandem.server._metrics import CONTENT_TYPE, ServerMetrics
-from keras_tandem.server._protocol import dumps, error_body, format_predictions, metadata_doc
+from keras_tandem.server._protocol import (
+    dumps,
+    error_body,
+    format_predictions,
+    metadata_doc,
+    signature_name_of,
+)
 from keras_tandem.server._protocol import parse_predict_body as _parse
 from keras_tandem.server._repository import Servable, ServedModel
+from keras_tandem.server._savedmodel import DEFAULT_SIGNATURE as _DEFAULT_SIGNATURE
 
 log = logging.getLogger("keras_tandem.server")
 _now = time.perf_counter
@@ -278,13 +286,28 @@ class ModelApp:
         if pinned is not None and pinned != servable.current_version:
             raise self._no_version(pinned)
         try:
+            signature = _DEFAULT_SIGNATURE
+            if servable.signatures and b"signature_name" in body:
+                if len(body) > _OFFLOAD_BYTES:
+                    name = await asyncio.get_running_loop().run_in_executor(
+                        None, signature_name_of, body)
+                else:
+                    name = signature_name_of(body)
+                signature = name or _DEFAULT_SIGNATURE
+            target = servable.for_signature(signature)
+            if target is None:
+                raise InvalidInputError(
+                    f"Serving signature name: \"{signature}\" not found in signature def. "
+                    f"This model has {', '.join(map(repr, servable.signature_names))}.")
+            parse = functools.partial(_parse, signature=signature,
+                                      signature_names=servable.signature_names)
             if len(body) > _OFFLOAD_BYTES:
                 x, fmt = await asyncio.get_running_loop().run_in_executor(
-                    None, _parse, body, servable.inputs)
+                    None, parse, body, target.inputs)
             else:
-                x, fmt = _parse(body, servable.inputs)
+                x, fmt = parse(body, target.inputs)
             del body  # the decoded input is all that is needed now
-            servable, answer = self._submit(servable, x)
+            servable, answer = self._submit(target, x, signature)
             del x
             outputs, weight_version = await answer
         except InvalidInputError as e:
@@ -316,7 +339,8 @@ class ModelApp:
             "X-Weight-Version": str(weight_version),
         })
 
-    def _submit(self, servable: Servable, x: Any) -> tuple[Servable, Any]:
+    def _submit(self, servable: Servable, x: Any,
+                signature: str = _DEFAULT_SIGNATURE) -> tuple[Servable, Any]:
         # A future of the server's loop (a concurrent one before the app
         # starts): answered through the Predictor's loop bridge, as apredict is.
         loop = self._loop
@@ -324,6 +348,7 @@ class ModelApp:
             return servable, servable.predictor.submit(x, return_version=True, loop=loop)
         except PredictorClosed:
             current = self.served.current  # swapped out under us: the new one answers
+            current = current.for_signature(signature) if current is not None else None
             if current is None or current is servable:
                 raise
             return current, current.predictor.submit(x, return_version=True, loop=loop)
@@ -384,7 +409,8 @@ class ModelApp:
             self.metrics.observe("metadata", e.status, error_kind=e.kind)
             return e.response()
         self.metrics.observe("metadata", 200)
-        return _json(metadata_doc(self.served.name, version, servable.inputs, servable.outputs))
+        return _json(metadata_doc(self.served.name, version, servable.inputs, servable.outputs,
+                                  servable.signature_def))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         """`GET /metrics`: Prometheus text format."""

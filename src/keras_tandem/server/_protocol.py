@@ -179,7 +179,10 @@ def _token(v: Any) -> Any:
 
 
 def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
-                       chunk_bytes: int = CHUNK_BYTES) -> tuple[Any, str]:
+                       chunk_bytes: int = CHUNK_BYTES,
+                       signature: str = "serving_default",
+                       signature_names: Sequence[str] = ("serving_default",)
+                       ) -> tuple[Any, str]:
     """Parses a `:predict` request body.
 
     Args:
@@ -188,6 +191,10 @@ def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
         fields: the model's inputs (`Predictor.inputs`), in the model's order.
         chunk_bytes: bodies larger than this, holding one numeric tensor,
             are decoded in pieces of about this size.
+        signature: the signature `fields` belong to; the body's
+            `signature_name` must name it (or be absent or empty for
+            `serving_default`).
+        signature_names: every signature of the model, for the error message.
 
     Returns:
         `(x, format)`: the input to hand to `Predictor.submit` (an array, or a
@@ -203,7 +210,7 @@ def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
         if parsed is not None:
             return parsed
     doc = _loads(body)
-    _check_document(doc)
+    _check_document(doc, signature, signature_names)
     if "instances" in doc:
         return _rows_to_input(doc["instances"], fields), ROW
     return _columns_to_input(doc["inputs"], fields), COLUMNAR
@@ -223,7 +230,15 @@ def _loads(body: Any) -> Any:
         raise InvalidInputError(f"Malformed JSON in the request body: {e}") from None
 
 
-def _check_document(doc: Any) -> None:
+def signature_name_of(body: bytes | bytearray) -> str | None:
+    """The `signature_name` of a `:predict` body (None if absent or not a JSON object)."""
+    doc = _loads(body)
+    name = doc.get("signature_name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _check_document(doc: Any, signature: str = "serving_default",
+                    signature_names: Sequence[str] = ("serving_default",)) -> None:
     if not isinstance(doc, dict):
         raise InvalidInputError(
             'The request body must be a JSON object with "instances" (row format) or '
@@ -240,11 +255,14 @@ def _check_document(doc: Any) -> None:
             'The request has neither "instances" (row format) nor "inputs" (columnar format). '
             f"Keys given: {sorted(doc)}."
         )
-    signature_name = doc.get("signature_name", "serving_default")
-    if signature_name not in ("serving_default", "", None):
+    signature_name = doc.get("signature_name") or "serving_default"
+    if signature_name != signature:
+        names = ", ".join(repr(n) for n in signature_names)
         raise InvalidInputError(
-            f"Unknown signature_name {signature_name!r}: this model has only "
-            "'serving_default'."
+            f"Unknown signature_name {signature_name!r}: this model has only {names}."
+            if signature_name not in signature_names else
+            f"signature_name {signature_name!r} does not match the inputs parsed for "
+            f"{signature!r}."
         )
 
 
@@ -389,7 +407,8 @@ def _tensor_info(name: str, shape: Sequence[int], dtype: Any) -> dict[str, Any]:
 
 
 def metadata_doc(name: str, version: int | str, fields: Sequence[ArraySpec],
-                 outputs: OutputSpec) -> dict[str, Any]:
+                 outputs: OutputSpec,
+                 signature_def: dict[str, Any] | None = None) -> dict[str, Any]:
     """TF Serving's `GET /v1/models/{name}/metadata` document.
 
     Args:
@@ -397,11 +416,20 @@ def metadata_doc(name: str, version: int | str, fields: Sequence[ArraySpec],
         version: the version now served.
         fields: the model's inputs (`Predictor.inputs`).
         outputs: the model's `OutputSpec`.
+        signature_def: a SavedModel's own `signature_def` map, in TF Serving's
+            JSON shape (tensor names such as `x:0`, `DT_FLOAT`, `dim` lists);
+            when given, it is the document's map as it stands.
 
     Returns:
         `{"model_spec": ..., "metadata": {"signature_def": ...}}` with the
-        inputs and outputs of the `serving_default` signature (batch axis -1).
+        inputs and outputs of the `serving_default` signature (batch axis -1),
+        or the SavedModel's signatures.
     """
+    if signature_def is not None:
+        return {
+            "model_spec": {"name": name, "signature_name": "", "version": str(version)},
+            "metadata": {"signature_def": {"signature_def": signature_def}},
+        }
     signature = {
         "inputs": {f.name: _tensor_info(f.name, f.shape, f.dtype) for f in fields},
         "outputs": {n: _tensor_info(n, s, d)

@@ -6,10 +6,13 @@ Owns:
 - `ServedModel`: the servable now answering, swapped atomically, and the
   TF Serving state (`LOADING`, `AVAILABLE`, `END`) of every version seen.
 - `VersionWatcher`: polls a TF Serving-style base directory (`BASE/1/model.keras`,
-  `BASE/2/...`), loads a new version once its file is complete, warms it up
+  `BASE/2/saved_model.pb`, ...), loads a new version once its file is complete, warms it up
   and swaps it in: `update_weights` for the same architecture, a new
-  Predictor otherwise. A version that fails to load is reported and the old
-  one keeps serving.
+  Predictor otherwise (always for a SavedModel, whose weights live in its
+  functions). A version that fails to load is reported and the old one
+  keeps serving; a version directory with neither format is warned about.
+
+SavedModels become Keras models in `_savedmodel`.
 
 All prediction work stays in `Predictor`; this module only decides which
 Predictor answers and what to call its versions.
@@ -31,6 +34,13 @@ from typing import Any
 import numpy as np
 
 from keras_tandem.server._protocol import OutputSpec, version_status
+from keras_tandem.server._savedmodel import (
+    DEFAULT_SIGNATURE,
+    dir_signature,
+    is_saved_model_dir,
+    signature_def_doc,
+    signature_models,
+)
 from keras_tandem.serving.predictor import Predictor
 
 log = logging.getLogger("keras_tandem.server")
@@ -77,12 +87,19 @@ class Servable:
             report the Predictor's own weight version (a Predictor that
             training updates in-process).
         owned: whether the server created it (and so closes it).
-        architecture: the fingerprint of the model it was built from.
+        architecture: the fingerprint of the model it was built from (None:
+            never swapped by weights, as for a SavedModel).
+        signatures: the servables of a SavedModel's other signatures, by name.
+        signature_def: the SavedModel's own `signature_def` map, for metadata.
     """
 
     def __init__(self, predictor: Predictor, outputs: OutputSpec, version: int | None,
-                 owned: bool, architecture: str | None = None):
+                 owned: bool, architecture: str | None = None,
+                 signatures: dict[str, Servable] | None = None,
+                 signature_def: dict[str, Any] | None = None):
         self.predictor = predictor
+        self.signatures = signatures or {}
+        self.signature_def = signature_def
         self.inputs = predictor.inputs
         self.outputs = outputs
         self.owned = owned
@@ -105,6 +122,23 @@ class Servable:
         if v is None:  # answered by weights whose swap is being recorded right now
             v = self._pending if self._pending is not None else self.version
         return v
+
+    def for_signature(self, name: str | None) -> Servable | None:
+        """The servable of signature `name` (None or "": the default); None if unknown."""
+        if name in (None, "", DEFAULT_SIGNATURE):
+            return self
+        return self.signatures.get(name)
+
+    @property
+    def signature_names(self) -> list[str]:
+        """The signature names a request may choose."""
+        return [DEFAULT_SIGNATURE, *sorted(self.signatures)]
+
+    def close(self) -> None:
+        """Closes its Predictors (each answers everything already queued on it)."""
+        self.predictor.close()
+        for other in self.signatures.values():
+            other.predictor.close()
 
     def swap_weights(self, model: Any, version: int) -> int:
         """Swaps `model`'s weights in as `version`; returns the new weight version."""
@@ -199,7 +233,7 @@ class ServedModel:
         if old is not None and old.predictor is servable.predictor:
             return
         if old is not None and old.owned:
-            old.predictor.close()  # answers everything already queued on it
+            old.close()  # answers everything already queued on it
         if self.on_new_predictor is not None:
             self.on_new_predictor(None if old is None else old.predictor)
 
@@ -222,16 +256,30 @@ def is_complete_keras_file(path: Path) -> bool:
         return False
 
 
+def find_version_model(version_dir: Path) -> Path | None:
+    """A version directory's model: its `.keras` file, else the directory if a SavedModel."""
+    f = find_model_file(version_dir)
+    if f is None and is_saved_model_dir(version_dir):
+        return version_dir
+    return f
+
+
+def is_complete_model(path: Path) -> bool:
+    """Whether `path` is a complete `.keras` archive or a SavedModel directory."""
+    return is_saved_model_dir(path) if path.is_dir() else is_complete_keras_file(path)
+
+
 def locate_model(path: str | os.PathLike) -> tuple[Path, int]:
-    """The `.keras` file that `serve(path)` loads first, and its model version.
+    """The model that `serve(path)` loads first, and its model version.
 
     Args:
-        path: a `.keras` file (version 1), or a base directory of numbered
-            version subdirectories (`BASE/1/model.keras`, ...): its newest
-            version whose file is a complete archive.
+        path: a `.keras` file or a SavedModel directory (version 1), or a base
+            directory of numbered version subdirectories (`BASE/1/model.keras`,
+            `BASE/00000002/saved_model.pb`, ...): its newest version holding a
+            complete model.
 
     Returns:
-        `(file, version)`.
+        `(file or SavedModel directory, version)`.
 
     Raises:
         ValueError: nothing servable at `path`, saying what was found there.
@@ -245,25 +293,33 @@ def locate_model(path: str | os.PathLike) -> tuple[Path, int]:
     if not path.is_dir():
         raise ValueError(f"{path} does not exist: pass a .keras file or a base directory "
                          "with numbered version subdirectories.")
-    versions = sorted((int(e.name) for e in os.scandir(path)
+    if is_saved_model_dir(path):
+        return path, 1
+    versions = sorted(((int(e.name), e.name) for e in os.scandir(path)
                        if e.name.isdigit() and e.is_dir()), reverse=True)
-    saved_model = [path] + [path / str(v) for v in versions]
-    if any((d / "saved_model.pb").is_file() for d in saved_model):
-        raise ValueError(f"{path} holds a TensorFlow SavedModel: SavedModels are not supported "
-                         "yet. Save the Keras model as a .keras file (model.save('model.keras')) "
-                         "and pass that, or a base directory holding 1/model.keras.")
-    for v in versions:
-        f = find_model_file(path / str(v))
-        if f is not None and is_complete_keras_file(f):
+    for v, name in versions:
+        f = find_version_model(path / name)
+        if f is not None and is_complete_model(f):
             return f, v
     raise ValueError(f"{path} has no numbered version subdirectory with a complete .keras file "
-                     f"(found versions {sorted(versions)}); expected {path}/1/model.keras.")
+                     f"or a SavedModel (found versions {sorted(v for v, _ in versions)}); "
+                     f"expected {path}/1/model.keras or {path}/1/saved_model.pb.")
 
 
 def load_keras_model(path: Path) -> Any:
-    """Loads a `.keras` file with `safe_mode=True` (no code from the file runs)."""
+    """Loads a `.keras` file with `safe_mode=True` (no code from the file runs).
+
+    A SavedModel directory gives the Keras model of its `serving_default`
+    signature (see `servable_from_saved_model` for all of its signatures).
+    """
     import keras
 
+    if Path(path).is_dir():
+        models = signature_models(path)
+        if DEFAULT_SIGNATURE not in models:
+            raise ValueError(f"The SavedModel at {path} has no {DEFAULT_SIGNATURE!r} signature "
+                             f"(it has {sorted(models)}).")
+        return models[DEFAULT_SIGNATURE]
     return keras.saving.load_model(str(path), compile=False, safe_mode=True)
 
 
@@ -289,11 +345,57 @@ def servable_from_model(model: Any, version: int,
                     architecture=architecture_of(model))
 
 
+def servable_from_saved_model(path: Path, version: int,
+                              predictor_options: dict[str, Any]) -> Servable:
+    """New, warmed-up Predictors for every signature of a SavedModel.
+
+    Args:
+        path: the SavedModel directory.
+        version: its model version.
+        predictor_options: keyword arguments for each `Predictor`.
+
+    Returns:
+        A `Servable` owned by the server, for `serving_default`, holding the
+        other signatures' servables in `signatures`.
+
+    Raises:
+        ValueError: no `serving_default` signature, or a signature without a
+            batch dimension.
+    """
+    models = signature_models(path)
+    if DEFAULT_SIGNATURE not in models:
+        raise ValueError(f"The SavedModel at {path} has no {DEFAULT_SIGNATURE!r} signature "
+                         f"(it has {sorted(models)}); TF Serving's clients call that one.")
+    built: dict[str, Servable] = {}
+    try:
+        for name, model in models.items():
+            built[name] = servable_from_model(model, version, predictor_options)
+            built[name].architecture = None  # weights are inside its functions
+    except BaseException:
+        for s in built.values():
+            s.predictor.close()
+        raise
+    main = built.pop(DEFAULT_SIGNATURE)
+    main.signatures = built
+    main.signature_def = signature_def_doc(path)
+    return main
+
+
+def load_servable(path: Path, version: int, predictor_options: dict[str, Any]) -> Servable:
+    """A new servable for a `.keras` file or a SavedModel directory."""
+    if path.is_dir():
+        return servable_from_saved_model(path, version, predictor_options)
+    return servable_from_model(load_keras_model(path), version, predictor_options)
+
+
 class VersionWatcher:
     """Polls a base directory of numbered versions and serves the newest.
 
-    A version is loaded once its model file is complete: a valid `.keras`
-    zip whose size and modification time did not change between two polls.
+    A version is loaded once its model is complete: a valid `.keras` zip, or
+    a directory holding `saved_model.pb`, whose size and modification time
+    (of all its files, for a SavedModel) did not change between two polls.
+    Version names are numbers of any width (`00000123` is version 123). A
+    version directory holding neither is named in a warning, once.
     A file that is not a valid archive is reported as failed only once it
     has not changed for `settle_s` (a writer may pause); if it changes
     later, it is tried again. Writers should still prefer writing elsewhere
@@ -318,11 +420,15 @@ class VersionWatcher:
         self.settle_s = max(2.0, 3 * poll_interval_s) if settle_s is None else settle_s
         self._seen: dict[int, tuple[int, int]] = {}  # version -> (size, mtime_ns) last poll
         self._failed: dict[int, tuple[int, int]] = {}  # version -> signature that failed
+        self._warned: set[str] = set()  # version directories warned about as holding no model
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def scan(self) -> dict[int, Path | None]:
-        """Numbered version directories and their model files (None: none yet)."""
+        """Numbered version directories and their models (None: none yet).
+
+        A model is a `.keras` file or, for a SavedModel, the version directory.
+        """
         found: dict[int, Path | None] = {}
         try:
             entries = list(os.scandir(self.base_dir))
@@ -330,15 +436,25 @@ class VersionWatcher:
             return found
         for e in entries:
             if e.name.isdigit() and e.is_dir():
-                found[int(e.name)] = find_model_file(Path(e.path))
+                found[int(e.name)] = model = find_version_model(Path(e.path))
+                if model is None and e.path not in self._warned:
+                    self._warned.add(e.path)
+                    log.warning("model %r: version directory %s holds neither a .keras file "
+                                "(model.keras) nor a SavedModel (saved_model.pb); it is not "
+                                "served until it does.", self.served.name, e.path)
         return found
 
     def load_initial(self) -> None:
         """Loads the newest complete version now, falling back to older ones."""
         versions = self.scan()
+        if not versions:
+            log.warning("model %r: %s has no numbered version subdirectory (such as "
+                        "%s/1/model.keras or %s/1/saved_model.pb); nothing is served until "
+                        "one appears.", self.served.name, self.base_dir, self.base_dir,
+                        self.base_dir)
         for v in sorted(versions, reverse=True):
             path = versions[v]
-            if path is None or not is_complete_keras_file(path):
+            if path is None or not is_complete_model(path):
                 continue
             if self._load(v, path, _signature(path)):
                 return
@@ -361,7 +477,7 @@ class VersionWatcher:
                 continue  # still changing, or this exact file already failed
             candidates.append((v, path, sig))
         for v, path, sig in sorted(candidates, reverse=True):
-            if not is_complete_keras_file(path):
+            if not is_complete_model(path):
                 if time.time() - sig[1] / 1e9 < self.settle_s:
                     continue  # probably still being written: look again later
                 self._failed[v] = sig
@@ -378,9 +494,13 @@ class VersionWatcher:
         served.set_state(version, LOADING)
         log.info("model %r: loading version %s from %s", served.name, version, path)
         try:
-            model = load_keras_model(path)
             cur = served.current
             replaced = cur.version if cur is not None else None
+            if path.is_dir():
+                served.install(servable_from_saved_model(path, version, self.predictor_options),
+                               replaced)
+                return self._loaded(version, previous)
+            model = load_keras_model(path)
             if cur is not None and cur.owned and cur.architecture == architecture_of(model):
                 cur.swap_weights(model, version)
                 served.install(cur, replaced)
@@ -392,8 +512,11 @@ class VersionWatcher:
                 self._failed[version] = sig
             served.fail(version, e)
             return False
+        return self._loaded(version, previous)
+
+    def _loaded(self, version: int, previous: str | None) -> bool:
         if previous is None or previous != AVAILABLE:
-            log.info("model %r: now serving version %s", served.name, version)
+            log.info("model %r: now serving version %s", self.served.name, version)
         return True
 
     def start(self) -> None:
@@ -417,6 +540,8 @@ class VersionWatcher:
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
+    if path.is_dir():
+        return dir_signature(path)
     try:
         st = path.stat()
     except OSError:

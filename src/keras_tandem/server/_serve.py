@@ -39,7 +39,9 @@ from keras_tandem.server._repository import (
     load_keras_model,
     probe_outputs,
     servable_from_model,
+    servable_from_saved_model,
 )
+from keras_tandem.server._savedmodel import is_saved_model_dir
 from keras_tandem.serving.predictor import Predictor
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -139,7 +141,7 @@ class ServerHandle:
         self._thread.join()
         cur = self._served.current
         if cur is not None and cur.owned:
-            cur.predictor.close()
+            cur.close()
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -198,9 +200,11 @@ def serve(
               on it; the version served is its weight version; `stop()` does
               not close it);
             - a Keras model (the server wraps it in a Predictor of its own);
-            - a path to a `.keras` file (served as version 1);
+            - a path to a `.keras` file, or a SavedModel directory (its
+              signatures chosen by `signature_name`), served as version 1;
             - a path to a TF Serving-style base directory with numbered
-              version subdirectories (`BASE/1/model.keras`, ...): the newest
+              version subdirectories (`BASE/1/model.keras`,
+              `BASE/2/saved_model.pb`, ...): the newest
               complete version is served, and newer ones are swapped in as
               they appear.
         name: the model name in URLs.
@@ -263,7 +267,9 @@ def serve(
                                             version=None, owned=False))
     elif isinstance(predictor, (str, os.PathLike)):
         path = Path(predictor)
-        if path.is_dir():
+        if is_saved_model_dir(path):  # one SavedModel, served as version 1
+            served = ServedModel(name, servable_from_saved_model(path, 1, options))
+        elif path.is_dir():
             served = ServedModel(name)
             watcher = VersionWatcher(served, path, options, poll_interval_s)
             watcher.load_initial()
@@ -312,7 +318,7 @@ def serve(
         handle = ServerHandle(served, app, host, port, watcher, shutdown_timeout_s, guard)
     except BaseException:
         if first is not None and first.owned:
-            first.predictor.close()
+            first.close()
         raise
     if watcher is not None:
         watcher.start()

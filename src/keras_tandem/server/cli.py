@@ -21,8 +21,9 @@ from keras_tandem.server._serve import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `tandem serve`'s options to `parser`."""
-    parser.add_argument("model", help="a .keras file, or a base directory with numbered "
-                                      "version subdirectories (BASE/1/model.keras, ...)")
+    parser.add_argument("model", help="a .keras file, a SavedModel directory, or a base "
+                                      "directory with numbered version subdirectories "
+                                      "(BASE/1/model.keras, BASE/2/saved_model.pb, ...)")
     parser.add_argument("--name", help="model name in URLs (default: the file's stem or the "
                                        "base directory's name)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -56,9 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_name(model: str) -> str:
-    """The model name for a path: a file's stem, or a base directory's name."""
+    """The model name for a path: a file's stem, or a (base) directory's name."""
     path = Path(model).resolve()
-    return path.stem if path.is_file() else path.name
+    if path.is_file():
+        return path.stem
+    if path.name.isdigit() and (path / "saved_model.pb").is_file():
+        return path.parent.name  # BASE/1 of a SavedModel: the model is BASE
+    return path.name
 
 
 def run(args: argparse.Namespace) -> int:
