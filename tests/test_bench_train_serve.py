@@ -86,3 +86,17 @@ def test_open_loop_latency_from_sending_is_never_negative_when_an_answer_comes_a
     load.records[0] = [(0.0, 0.3, 1, 0.0)]
     assert load._sent_waits(0.0, 0.095) == [0.3]
     assert load.summary(0.0, 0.095)["p99_sent_ms"] == 300.0
+
+
+def test_progress_line_of_a_row_with_no_request_sent_before_the_stop(capsys):
+    # The naive clients can answer nothing they sent in time: no latency from sending.
+    from keras_tandem.bench import train_serve
+
+    row = {"case": "model.predict, open loop", "rep": 0, "train_sps": 1234.0,
+           "served_rps": 3.0, "p99_ms": 900.0, "p99_sent_ms": None}
+    train_serve._progress(row)
+    line = capsys.readouterr().out
+    assert "served 3 req/s" in line and "p99 900.0 ms" in line and "from sending" not in line
+    row["p99_sent_ms"] = 12.5
+    train_serve._progress(row)
+    assert "(12.5 ms from sending)" in capsys.readouterr().out

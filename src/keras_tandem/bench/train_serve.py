@@ -366,9 +366,11 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
 
 
 def _progress(row: dict) -> None:
-    served = (f"  served {row['served_rps']:,.0f} req/s  p99 {row['p99_ms']:.1f} ms"
-              f" ({row['p99_sent_ms']:.1f} ms from sending)"
-              if row.get("served_rps") is not None and row.get("p99_ms") is not None else "")
+    served = ""
+    if row.get("served_rps") is not None and row.get("p99_ms") is not None:
+        served = f"  served {row['served_rps']:,.0f} req/s  p99 {row['p99_ms']:.1f} ms"
+        if row.get("p99_sent_ms") is not None:  # None: no request was sent before the stop
+            served += f" ({row['p99_sent_ms']:.1f} ms from sending)"
     _report.console.print(f"  {row['case']:<26} rep {row['rep']}: train "
                           f"{row['train_sps']:,.0f} samples/s{served}")
 
