@@ -21,7 +21,7 @@ from _models import mlp
 from _zoo import ZOO
 from keras_tandem import Predictor
 from keras_tandem.server._metrics import BatchSizeHistogram, ServerMetrics
-from keras_tandem.serving import _forward, _forward_choice, _forward_keras, _tf_private
+from keras_tandem.serving import _forward, _forward_keras, _tf_private
 from keras_tandem.serving._forward_tf import TensorFlowForward
 from keras_tandem.serving.specs import bucket_sizes
 
@@ -34,8 +34,7 @@ def model():
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     # Fallback warnings are once per process: each test starts from none given.
-    monkeypatch.setattr(_tf_private, "_WARNED", set())
-    monkeypatch.setattr(_forward_choice, "_WARNED", set())
+    monkeypatch.setattr(_forward, "_WARNED", set())
 
 
 def fallback_warnings(record):

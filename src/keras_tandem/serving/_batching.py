@@ -94,7 +94,7 @@ class Request:
         if self.future is not None:
             self.future.set_result((result, version) if self.with_version else result)
         elif self.callback is not None:
-            self._call_back((result, version) if self.with_version else result, None)
+            call_back(self.callback, (result, version) if self.with_version else result, None)
         else:
             self.result = result
             if self.waiter is not None:
@@ -105,14 +105,11 @@ class Request:
         if self.future is not None:
             self.future.set_exception(error)
         elif self.callback is not None:
-            self._call_back(None, error)
+            call_back(self.callback, None, error)
         else:
             self.error = error
             if self.waiter is not None:
                 self.waiter.release()
-
-    def _call_back(self, result: Any, error: BaseException | None) -> None:
-        call_back(self.callback, result, error)
 
 
 def call_back(callback: Any, result: Any, error: BaseException | None) -> None:

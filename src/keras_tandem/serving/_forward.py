@@ -27,12 +27,30 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from keras_tandem.serving._signature import ArraySpec, InputSignature
+
+_WARNED: set[object] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(key: object, message: str) -> None:
+    """Warns (`RuntimeWarning`) the first time `key` is seen in this process.
+
+    A fallback of the forward pass would be the same for every Predictor of
+    the process: said once per reason, not once per Predictor.
+    """
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 _ZERO_BYTES_MAX = 16 << 20  # larger padding is zeroed with NumPy instead
 _ALIGN = 64  # kernels (TensorFlow's, XLA's) assume tensor memory aligned to this many bytes

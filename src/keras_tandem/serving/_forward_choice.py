@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from keras_tandem.serving._forward import (
     call_model,
     pattern,
     to_tensors,
+    warn_once,
     zero_rows,
 )
 from keras_tandem.serving._signature import InputSignature
@@ -31,8 +31,6 @@ from keras_tandem.serving._signature import InputSignature
 log = logging.getLogger("keras_tandem.serving")
 
 _CHECK_ROWS = 3
-_WARNED: set[str] = set()
-_WARNED_LOCK = threading.Lock()
 # Building and the eager check call the user's model itself: one Predictor at
 # a time, as Keras' TensorFlow backend is not thread-safe.
 _MODEL_LOCK = threading.Lock()
@@ -190,9 +188,4 @@ def _report_fallback(forward: ForwardPass, reason: str, no_reference: str) -> No
                f"predict step ('{forward.call_path}', copied by {forward.copied_by}), which is "
                f"slower than the traced pass, because {reason}{unchecked}.")
     log.warning(message)
-    key = reason.split("(")[0] + reason.split(":")[0]
-    with _WARNED_LOCK:  # once per process for each reason: every Predictor would say it
-        if key in _WARNED:
-            return
-        _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=1)
+    warn_once(("keras copy", reason.split("(")[0] + reason.split(":")[0]), message)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from keras_tandem.serving._forward import warn_once
 
 log = logging.getLogger("keras_tandem.serving")
 
@@ -49,8 +49,6 @@ CALL_PATHS = ("call op", "direct", "call flat", "function")
 _INLINE_EXECUTOR = "SINGLE_THREADED_EXECUTOR"
 _PARTITIONED_CALL = "PartitionedCall"
 
-_WARNED: set[tuple[str, ...]] = set()
-_WARNED_LOCK = threading.Lock()
 
 Caller = Callable[[list[Any]], list[Any]]
 
@@ -316,14 +314,9 @@ def _report(plan: CallPlan) -> None:
         return
     # Once per process for each set of reasons: every Predictor of the
     # process would say the same.
-    key = tuple(f"{way}: {reason.split(':')[0]}" for way, reason in plan.refused)
-    with _WARNED_LOCK:
-        if key in _WARNED:
-            return
-        _WARNED.add(key)
-    warnings.warn(
+    warn_once(
+        ("call path", *(f"{way}: {reason.split(':')[0]}" for way, reason in plan.refused)),
         f"keras_tandem: the Predictor's forward pass falls back to '{plan.path}' on {executor}, "
         f"which costs more CPU per call than the fastest way; its answers are right either way. "
         f"Refused: {why}. (The inline executor refuses graphs with old-style control flow; "
-        "other refusals mean that TensorFlow changed the private API the fast ways use.)",
-        RuntimeWarning, stacklevel=1)
+        "other refusals mean that TensorFlow changed the private API the fast ways use.)")
