@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -42,11 +43,36 @@ COMMANDS = {
 
 
 # Commands whose own process never imports TensorFlow (`tandem worker` only starts
-# processes, and drops their start-up lines as it forwards their output).
+# processes, and drops their start-up lines as it forwards their output). Under
+# another Keras backend no command imports it up front.
 _WITHOUT_TENSORFLOW = {"worker"}
 # The prefix of an Abseil log line: severity, date, time, thread id.
 _ABSL_PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")
 _ABSL_BEFORE_INIT = b"WARNING: All log messages before absl::InitializeLog()"
+
+
+# On a machine with no NVIDIA driver, TensorFlow's CUDA build says so twice,
+# once as an ERROR; it runs on the CPU as intended, so `tandem` drops both.
+_NVIDIA_DRIVER = "/proc/driver/nvidia/version"
+_NO_GPU_LINES = (b"Could not find cuda drivers", b"failed call to cuInit")
+
+
+def _keras_backend() -> str:
+    """The backend Keras will choose, read as Keras reads it, without importing Keras.
+
+    `KERAS_BACKEND`, else `backend` in Keras' `keras.json`, else `tensorflow`.
+    """
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(home), "keras.json")) as f:
+            return str(json.load(f).get("backend", "tensorflow"))
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 def _quiet_tensorflow() -> None:
@@ -78,11 +104,12 @@ def _import_tensorflow_once_logged() -> None:
         # BLAS pool): the child only copies bytes between two descriptors.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
+    no_driver = not os.path.exists(_NVIDIA_DRIVER)
     if pid == 0:  # the filter: never returns
         code = 1
         try:
             os.close(write_end)
-            _drop_repeated_lines(read_end, saved)
+            _drop_repeated_lines(read_end, saved, _NO_GPU_LINES if no_driver else ())
             code = 0
         finally:
             os._exit(code)
@@ -90,7 +117,11 @@ def _import_tensorflow_once_logged() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     try:
-        importlib.import_module("tensorflow")
+        tf = importlib.import_module("tensorflow")
+        if no_driver:
+            # The CUDA build logs an ERROR line when it first looks for a GPU and
+            # finds no driver: look now, through the filter, which drops it.
+            tf.config.list_physical_devices("GPU")
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)  # the filter sees the end of its input, prints the rest and exits
@@ -98,18 +129,18 @@ def _import_tensorflow_once_logged() -> None:
         os.waitpid(pid, 0)
 
 
-def _drop_repeated_lines(read_fd: int, out_fd: int) -> None:
+def _drop_repeated_lines(read_fd: int, out_fd: int, drop: tuple[bytes, ...] = ()) -> None:
     """Copies `read_fd` to `out_fd` line by line, each Abseil log line only once.
 
     Abseil's notice that logging is not initialised yet is dropped: it says
-    nothing to a user of `tandem`.
+    nothing to a user of `tandem`; so are lines containing any of `drop`.
     """
     seen: set[bytes] = set()
     pending = b""
     while chunk := os.read(read_fd, 1 << 16):
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            if line.startswith(_ABSL_BEFORE_INIT):
+            if line.startswith(_ABSL_BEFORE_INIT) or any(d in line for d in drop):
                 continue  # says only that the lines after it ignore TF_CPP_MIN_LOG_LEVEL
             if _ABSL_PREFIX.match(line):
                 key = _ABSL_PREFIX.sub(b"", line)
@@ -161,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs `tandem` with `argv` (default: the command line) and returns its exit code."""
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
-    if args.command not in _WITHOUT_TENSORFLOW:
+    if args.command not in _WITHOUT_TENSORFLOW and _keras_backend() == "tensorflow":
+        # Another backend never imports TensorFlow for the features it runs; the
+        # TensorFlow-only ones (SavedModels, tf.data) import it when they need it.
         _import_tensorflow_once_logged()
     return int(args.run(args) or 0)
 
