@@ -1,4 +1,5 @@
-"""`tandem bench http` end to end, tiny: rows with CPU per answered request, the HTTP ceiling."""
+"""`tandem bench http` end to end, tiny: rows with CPU per answered request, the HTTP ceiling,
+the gRPC rows and their ceiling, the SavedModel row."""
 
 import json
 import subprocess
@@ -10,8 +11,16 @@ import numpy as np
 import pytest
 
 from _poll import wait_until
+from keras_tandem.bench._grpc_load import GrpcCeiling, run_grpc_load
 from keras_tandem.bench._http_ceiling import CeilingServer
-from keras_tandem.bench.http import CEILING, RATIO_AT, child_cpu_s
+from keras_tandem.bench.http import (
+    CEILING,
+    GRPC,
+    GRPC_CEILING,
+    RATIO_AT,
+    SAVEDMODEL,
+    child_cpu_s,
+)
 from keras_tandem.serving.specs import ArraySpec
 
 
@@ -51,6 +60,46 @@ def test_bench_http_reports_the_http_ceiling_and_the_ratio_to_it(tiny_run):
     assert ratios["http_vs_ceiling"] == pytest.approx(
         tandem["req_per_s"] / ceiling[RATIO_AT]["req_per_s"])
     assert "http_vs_ceiling=" in stdout
+
+
+def test_bench_http_reports_grpc_and_savedmodel_rows_beside_rest(tiny_run):
+    doc, stdout = tiny_run
+    by = {(r["technique"], r["connections"]): r for r in doc["rows"]}
+    for technique in (GRPC, GRPC_CEILING, SAVEDMODEL):
+        for c in (4, RATIO_AT):
+            row = by[(technique, c)]
+            assert row["requests"] > 0 and row["errors"] == 0 and row["cpu_us"] > 0
+    # Served through a Predictor: batches were counted.
+    assert by[(GRPC, RATIO_AT)]["mean_batch_size"] >= 1
+    assert by[(SAVEDMODEL, RATIO_AT)]["mean_batch_size"] >= 1
+    ratios = doc["ratios"]
+    rest = by[("keras-tandem", RATIO_AT)]["req_per_s"]
+    assert ratios["grpc_vs_rest"] == pytest.approx(by[(GRPC, RATIO_AT)]["req_per_s"] / rest)
+    assert ratios["grpc_vs_ceiling"] == pytest.approx(
+        by[(GRPC, RATIO_AT)]["req_per_s"] / by[(GRPC_CEILING, RATIO_AT)]["req_per_s"])
+    assert ratios["savedmodel_vs_keras"] == pytest.approx(
+        by[(SAVEDMODEL, RATIO_AT)]["req_per_s"] / rest)
+    assert "grpc_vs_rest=" in stdout and "savedmodel_vs_keras=" in stdout
+
+
+def test_grpc_load_counts_each_answered_call_of_every_client_process():
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["x"].dtype = 1  # DT_FLOAT
+    request.inputs["x"].tensor_shape.dim.add().size = 2
+    request.inputs["x"].float_val.extend([1.0, 2.0])
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = "m"
+    with GrpcCeiling(response.SerializeToString()) as ceiling:
+        res = run_grpc_load(ceiling.target, request.SerializeToString(), 3, 0.3, processes=2)
+        assert res["errors"] == 0 and res["requests"] > 0
+        assert res["requests"] == ceiling.parsed
+        assert res["req_per_s"] > 0 and 0 < res["p50_ms"] <= res["p99_ms"]
+        # A request the ceiling cannot parse is an error, not an answer.
+        bad = run_grpc_load(ceiling.target, b"\xff\xff", 1, 0.2)
+        assert bad["requests"] == 0 and bad["errors"] > 0
 
 
 def test_ceiling_server_parses_the_body_and_answers_a_canned_prediction():

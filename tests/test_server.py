@@ -429,7 +429,10 @@ def test_new_versions_swap_in_without_a_failed_request(tmp_path, monkeypatch):
             assert predict(server.url, {"instances": x.tolist()})[1]["X-Model-Version"] == "1"
             gate.set()
             assert wait_until(lambda: server.version == 2)
-            assert states(server.url, "m") == {"2": ("AVAILABLE", "OK"), "1": ("END", "OK")}
+            # The new version is AVAILABLE before the old one is unloaded (as TF
+            # Serving's availability-preserving policy does): poll for END.
+            assert wait_until(lambda: states(server.url, "m") == {
+                "2": ("AVAILABLE", "OK"), "1": ("END", "OK")})
             # Version 3 has another architecture: a new Predictor takes over.
             (base / "3").mkdir()
             models[3].save(base / "3" / "model.keras")
@@ -541,3 +544,100 @@ def test_empty_base_directory_answers_503_until_a_first_version_loads(tmp_path):
         assert status == 200 and headers["X-Model-Version"] == "1"
         np.testing.assert_allclose(doc["predictions"], ref(model, x), rtol=1e-5, atol=1e-6)
         assert request(server.url, "GET", "/healthz")[0] == 200
+
+
+# ------------------------------------------------------- classify, regress
+
+
+def _examples_saved_model(path):
+    """A TF2 SavedModel with predict, classify (`scores`) and regress (`outputs`) signatures."""
+    import tensorflow as tf
+
+    class Examples(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(2.0)
+
+        def _x(self, inputs):
+            spec = {"x": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0])}
+            return tf.io.parse_example(inputs, spec)["x"]
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def classify(self, inputs):
+            x = self._x(inputs)
+            return {"scores": tf.concat([x * self.w, -x], axis=1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def regress(self, inputs):
+            return {"outputs": self._x(inputs) * self.w + 1.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32)])
+        def predict(self, x):
+            return {"y": x * self.w}
+
+    module = Examples()
+    tf.saved_model.save(module, str(path), signatures={
+        "serving_default": module.predict, "classify": module.classify,
+        "regress": module.regress})
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="SavedModels load on Keras' TensorFlow backend only")
+def test_classify_and_regress_answer_tf_servings_results_by_version_and_label(tmp_path):
+    _examples_saved_model(tmp_path / "ex" / "3")
+    examples = {"examples": [{"x": 1.0}, {"x": 2.5}]}
+    with serve(tmp_path / "ex", name="ex", port=0) as server:
+        server._registry.get("ex").set_labels({"stable": 3})
+        for which in ("", "/versions/3", "/labels/stable"):
+            status, headers, doc = request(server.url, "POST", f"/v1/models/ex{which}:classify",
+                                           {"signature_name": "classify", **examples})
+            assert status == 200 and headers["X-Model-Version"] == "3", doc
+            assert doc == {"results": [[["", 2.0], ["", -1.0]], [["", 5.0], ["", -2.5]]]}
+        status, _, doc = request(server.url, "POST", "/v1/models/ex:regress",
+                                 {"signature_name": "regress", **examples})
+        assert status == 200 and doc == {"results": [3.0, 6.0]}
+        # serving_default predicts: TF Serving's wording for the wrong method.
+        status, _, doc = request(server.url, "POST", "/v1/models/ex:regress", examples)
+        assert status == 400 and "Expected regression signature method_name" in doc["error"]
+        status, _, doc = request(server.url, "POST", "/v1/models/ex/versions/9:classify",
+                                 examples)
+        assert status == 404 and doc["error"] == (
+            "Servable not found for request: Specific(ex, 9)")
+        _, _, text = request(server.url, "GET", "/metrics")
+    assert metric(text, "keras_tandem_http_requests_total", model="ex", endpoint="classify",
+                  code=200) == 3
+
+
+def test_classify_on_a_keras_model_says_to_use_predict():
+    with serve(mlp(), name="m", port=0) as server:
+        status, _, doc = request(server.url, "POST", "/v1/models/m:classify",
+                                 {"examples": [{"x": 1.0}]})
+    assert status == 400 and ":predict" in doc["error"]
+
+
+def test_metrics_are_also_at_tf_servings_monitoring_path_with_queue_waits():
+    with serve(mlp(), name="m", port=0) as server:
+        for _ in range(3):
+            assert predict(server.url, {"instances": [[0.1] * 4]})[0] == 200
+        status, headers, text = request(server.url, "GET", "/monitoring/prometheus/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    # 3 requests and the warm-up probe, each counted once in the queue-wait histogram.
+    assert metric(text, "keras_tandem_queue_wait_seconds_count", model="m") == 4
+    assert metric(text, "keras_tandem_queue_wait_seconds_bucket", model="m", le="+Inf") == 4
+    assert metric(text, "keras_tandem_queue_wait_seconds_sum", model="m") > 0
+    assert metric(text, "keras_tandem_predictor_requests_total", model="m") == 4
+
+
+def test_queue_waits_are_counted_in_their_bucket():
+    from keras_tandem.serving._stats import ServingStats
+    from keras_tandem.serving.specs import QUEUE_WAIT_BOUNDS
+
+    stats = ServingStats()
+    waits = np.array([0.0, QUEUE_WAIT_BOUNDS[0], 0.003, 0.003, 99.0])
+    stats.record_batch(5, 5, latencies=waits + 0.01, waits=waits)
+    snap = stats.snapshot()
+    counts = snap["queue_wait_counts"]
+    assert len(counts) == len(QUEUE_WAIT_BOUNDS) + 1 and sum(counts) == 5
+    assert counts[0] == 2  # at most the first bound, that bound included
+    assert counts[QUEUE_WAIT_BOUNDS.index(0.005)] == 2  # 0.003 s: in (0.0025, 0.005]
+    assert counts[-1] == 1  # beyond the last bound
+    assert snap["queue_wait_seconds"] == pytest.approx(waits.sum())

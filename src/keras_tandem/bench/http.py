@@ -1,4 +1,4 @@
-"""HTTP serving: keras-tandem's server against a naive threaded model.predict server.
+"""HTTP and gRPC serving: keras-tandem's server against a naive threaded model.predict server.
 
 Owns the `tandem bench http` scenario: an MLP (784-256-256-10) served on
 127.0.0.1 by `keras_tandem.serve` and, in the same run, by the naive way
@@ -10,11 +10,18 @@ answer, no inference; on a thread of this process, as `tandem serve` is
 here), each driven from a separate
 load-generator process (`wrk` if installed, else a Python keep-alive
 client; `_loadgen`) with single-example requests at several connection
-counts. Reports requests/s, the serving process's CPU per answered request
+counts. Beside them: `keras-tandem-grpc`, the same Predictor through the
+server's gRPC API (`serve(..., grpc_port=0)`), driven by `_grpc_load`'s
+client processes with one `PredictRequest` (the input as `tensor_content`,
+as `tf.make_tensor_proto` writes it) and measured against `grpc-ceiling`
+(the gRPC stack, the same client, a canned answer); and `savedmodel`, the
+same MLP exported with `model.export()` and served from its directory over
+REST. Reports requests/s, the serving process's CPU per answered request
 (`cpu_us`: `time.process_time` for keras-tandem, served from this process;
 `/proc/PID/stat` for the naive child), p50/p99 latency, mean batch size and
 errors, and `http_vs_ceiling` (keras-tandem's req/s over the ceiling's at
-64 connections).
+64 connections), `grpc_vs_rest`, `grpc_vs_ceiling` and
+`savedmodel_vs_keras` at the same count.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_tandem.bench._grpc_load import GrpcCeiling, run_grpc_load
 from keras_tandem.bench._http_ceiling import CeilingServer
 from keras_tandem.bench._loadgen import run_load, which_loadgen
 from keras_tandem.bench._models import build_model
@@ -37,6 +45,9 @@ from keras_tandem.bench._report import console, print_ratios, print_table, write
 CONNECTIONS = (1, 16, 64, 256)
 RATIO_AT = 64
 CEILING = "http-ceiling"
+GRPC = "keras-tandem-grpc"
+GRPC_CEILING = "grpc-ceiling"
+SAVEDMODEL = "savedmodel"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load generator: wrk if installed (auto), or the Python client")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-delay-ms", type=float, default=0.5)
-    parser.add_argument("--skip-naive", action="store_true", help="measure keras-tandem only")
+    parser.add_argument("--skip-naive", action="store_true", help="skip the naive server")
+    parser.add_argument("--skip-grpc", action="store_true",
+                        help="skip the gRPC rows (keras-tandem-grpc, grpc-ceiling)")
+    parser.add_argument("--skip-savedmodel", action="store_true",
+                        help="skip the row of the MLP exported with model.export()")
+    parser.add_argument("--grpc-processes", type=int, default=1,
+                        help="gRPC client processes (default 1, as wrk -t1 for HTTP)")
 
 
 class NaiveServer:
@@ -109,10 +126,14 @@ def _warm(url: str, body: bytes) -> None:
 
 def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
              duration_s: float, predictor: Any = None, cpu_s: Any = time.process_time,
-             ) -> dict[str, Any]:
+             load: Any = None) -> dict[str, Any]:
+    """One row: `load(connections, duration_s)` (default: `run_load` of `body` to `url`)."""
     before = predictor.stats() if predictor is not None else None
     cpu = cpu_s()
-    res = run_load(tool, url, body, connections, duration_s)
+    if load is None:
+        res = run_load(tool, url, body, connections, duration_s)
+    else:
+        res = load(connections, duration_s)
     cpu = cpu_s() - cpu
     answered = res["requests"] - res["errors"]
     row = {"technique": technique, "connections": connections,
@@ -126,7 +147,7 @@ def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
         rows = after["mean_batch_size"] * after["batches"] - \
             before["mean_batch_size"] * before["batches"]
         row["mean_batch_size"] = rows / batches if batches else 0.0
-    console.print(f"  {technique:>13} c={connections:<4} {row['req_per_s']:9.1f} req/s  "
+    console.print(f"  {technique:>17} c={connections:<4} {row['req_per_s']:9.1f} req/s  "
                   f"cpu {row['cpu_us'] or 0:7.1f} us/req  "
                   f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  "
                   f"errors {row['errors']}")
@@ -135,8 +156,20 @@ def _measure(technique: str, tool: str, url: str, body: bytes, connections: int,
 
 def run(args: argparse.Namespace) -> int:
     """Runs the scenario; returns 0, or 1 if the keras-tandem server had errors."""
+    import importlib.util
+
+    import keras
+
     import keras_tandem
     from keras_tandem import Predictor
+
+    # gRPC needs TensorFlow installed (its protos); a SavedModel, Keras' TensorFlow backend.
+    if not args.skip_grpc and importlib.util.find_spec("tensorflow") is None:
+        console.print("  gRPC rows left out: they need TensorFlow installed")
+        args.skip_grpc = True
+    if not args.skip_savedmodel and keras.backend.backend() != "tensorflow":
+        console.print("  savedmodel row left out: SavedModels need the TensorFlow backend")
+        args.skip_savedmodel = True
 
     duration = args.duration or (2.0 if args.quick else 8.0)
     warm_s = 0.5 if args.quick else 2.0
@@ -162,8 +195,19 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(_measure("keras-tandem", tool, url, body, c, duration, predictor))
         fields = predictor.inputs
         canned = [0.0] * int(np.prod(predictor.outputs[0].shape))
+        if not args.skip_grpc:
+            request, response = _grpc_messages(predictor, example)
+            with keras_tandem.serve(predictor, name="mlp", port=0, grpc_port=0) as server:
+                target = f"127.0.0.1:{server.grpc_port}"
+                rows += _grpc_rows(GRPC, target, request, levels, duration, warm_s,
+                                   args.grpc_processes, predictor)
     finally:
         predictor.close()
+
+    if not args.skip_grpc:
+        with GrpcCeiling(response) as ceiling:
+            rows += _grpc_rows(GRPC_CEILING, ceiling.target, request, levels, duration, warm_s,
+                               args.grpc_processes)
 
     with CeilingServer("mlp", fields, canned) as ceiling:
         url = f"{ceiling.url}/v1/models/mlp:predict"
@@ -171,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
         for c in levels:
             run_load(tool, url, body, c, warm_s)
             rows.append(_measure(CEILING, tool, url, body, c, duration))
+
+    if not args.skip_savedmodel:
+        rows += _savedmodel_rows(model, tool, body, levels, duration, warm_s, args)
 
     if not args.skip_naive:
         naive = NaiveServer("mlp")
@@ -186,16 +233,84 @@ def run(args: argparse.Namespace) -> int:
     ratios = _ratios(rows)
     columns = ["technique", "connections", "req_per_s", "cpu_us", "p50_ms", "p99_ms",
                "mean_batch_size", "requests", "errors"]
-    print_table("HTTP serving, single-example requests (MLP 784-256-256-10)", rows, columns)
+    print_table("HTTP and gRPC serving, single-example requests (MLP 784-256-256-10)", rows,
+                columns)
     print(f"load_generator={tool}", flush=True)
     print_ratios(ratios)
     if args.json:
         config = {"duration_s": duration, "connections": levels, "naive_connections":
                   naive_levels, "max_batch_size": args.max_batch_size,
-                  "max_delay_ms": args.max_delay_ms, "quick": args.quick}
+                  "max_delay_ms": args.max_delay_ms, "quick": args.quick,
+                  "grpc_processes": args.grpc_processes}
         write_json(args.json, "http", config, rows, ratios, load_generator=tool)
-    tandem_errors = sum(r["errors"] for r in rows if r["technique"] == "keras-tandem")
+    tandem_errors = sum(r["errors"] for r in rows
+                        if r["technique"] in ("keras-tandem", GRPC, SAVEDMODEL))
     return 1 if tandem_errors else 0
+
+
+def _grpc_messages(predictor: Any, example: list[float]) -> tuple[bytes, bytes]:
+    """The serialized Predict request of one example, and a canned response for the ceiling.
+
+    The example travels in `tensor_content`, as `tf.make_tensor_proto` writes
+    a NumPy array; the response holds `float_val`, as the server answers.
+    """
+    from tensorflow.core.framework import types_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mlp"
+    x = np.asarray([example], np.float32)
+    proto = request.inputs[predictor.inputs[0].name]
+    proto.dtype = types_pb2.DT_FLOAT
+    for d in x.shape:
+        proto.tensor_shape.dim.add(size=d)
+    proto.tensor_content = x.tobytes()
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = "mlp"
+    response.model_spec.version.value = 1
+    response.model_spec.signature_name = "serving_default"
+    out = response.outputs["output_0"]
+    out.dtype = types_pb2.DT_FLOAT
+    shape = (1, *predictor.outputs[0].shape)
+    for d in shape:
+        out.tensor_shape.dim.add(size=d)
+    out.float_val.extend([0.0] * int(np.prod(shape)))
+    return request.SerializeToString(), response.SerializeToString()
+
+
+def _grpc_rows(technique: str, target: str, request: bytes, levels: list[int],
+               duration: float, warm_s: float, processes: int,
+               predictor: Any = None) -> list[dict[str, Any]]:
+    def load(c: int, seconds: float) -> dict[str, Any]:
+        return run_grpc_load(target, request, c, seconds, processes)
+
+    rows = []
+    for c in levels:
+        load(c, warm_s)
+        rows.append(_measure(technique, f"grpc.aio x{processes}", target, request, c, duration,
+                             predictor, load=load))
+    return rows
+
+
+def _savedmodel_rows(model: Any, tool: str, body: bytes, levels: list[int], duration: float,
+                     warm_s: float, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The MLP exported with `model.export()`, served from its directory over REST."""
+    import tempfile
+
+    import keras_tandem
+
+    rows = []
+    with tempfile.TemporaryDirectory() as base:
+        model.export(os.path.join(base, "1"), verbose=False)
+        options = {"max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms}
+        with keras_tandem.serve(base, name="mlp", port=0, predictor_options=options) as server:
+            url = f"{server.url}/v1/models/mlp:predict"
+            _warm(url, body)
+            for c in levels:
+                run_load(tool, url, body, c, warm_s)
+                rows.append(_measure(SAVEDMODEL, tool, url, body, c, duration,
+                                     server.predictor))
+    return rows
 
 
 def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -222,4 +337,23 @@ def _ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         if t and h and h["req_per_s"] else None,
         "errors": float(sum(r["errors"] for r in rows if r["technique"] == "keras-tandem")),
     }
+    g, gc, sm = at(GRPC, RATIO_AT), at(GRPC_CEILING, RATIO_AT), at(SAVEDMODEL, RATIO_AT)
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+        return a["req_per_s"] / b["req_per_s"] if a and b and b["req_per_s"] else None
+
+    ratios.update({
+        "grpc_req_per_s": g["req_per_s"] if g else None,
+        "grpc_p99_ms": g["p99_ms"] if g else None,
+        "grpc_cpu_us": g["cpu_us"] if g else None,
+        "grpc_mean_batch_size": g["mean_batch_size"] if g else None,
+        "grpc_vs_rest": ratio(g, t),
+        "grpc_ceiling_req_per_s": gc["req_per_s"] if gc else None,
+        "grpc_vs_ceiling": ratio(g, gc),
+        "savedmodel_req_per_s": sm["req_per_s"] if sm else None,
+        "savedmodel_vs_keras": ratio(sm, t),
+        "grpc_errors": float(sum(r["errors"] for r in rows if r["technique"] == GRPC)),
+        "savedmodel_errors": float(sum(r["errors"] for r in rows
+                                       if r["technique"] == SAVEDMODEL)),
+    })
     return ratios

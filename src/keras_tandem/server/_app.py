@@ -1,21 +1,26 @@
 """The aiohttp application: routes, request handlers and error mapping.
 
-Owns: TF Serving's REST endpoints over one `ServedModel`, mapping the
-Predictor's errors to HTTP statuses. Requests are queued with
+Owns: TF Serving's REST endpoints over the server's models, each request
+routed by model name (and version or label) through a `ModelLookup`
+(`_lookup`: the model registry, or one model), mapping the Predictor's
+errors to HTTP statuses. Requests are queued with
 `Predictor.submit(x, loop=...)`, the mechanism of `apredict`: the worker
 wakes the event loop once per batch rather than once per request. Request
-formats live in `_protocol`, versions in `_repository`, metrics in `_metrics`; no prediction
-logic lives here.
+formats live in `_protocol` (`:classify` / `:regress` examples and results
+in `_examples`), versions in `_repository`, metrics in `_metrics`; no
+prediction logic lives here.
 
-Status codes: 400 bad JSON/shape/dtype (`InvalidInputError`), 404 unknown
-model/version/path, 405 wrong method, 408 a body that stopped arriving
-(`body_timeout_s` between two reads), 413 body over the limit (from
-`Content-Length`, before reading), 503 + `Retry-After` when overloaded,
-closing, not loaded yet, or when the request's bytes would take the bytes in
-flight past `max_inflight_bytes`, 504 past the Predictor's timeout, 500 when
-the forward pass failed. A client that goes away mid-request is counted with
-code 499 and kind `client_closed`, and logged at DEBUG. Unexpected errors
-are logged through a `RateLimitedLog` (one traceback per interval).
+Status codes: 400 bad JSON/shape/dtype (`InvalidInputError`) or an unknown
+version label ("Unrecognized servable version label"), 404 unknown
+model/version/path ("Servable not found for request: ..."), 405 wrong
+method, 408 a body that stopped arriving (`body_timeout_s` between two
+reads), 413 body over the limit (from `Content-Length`, before reading), 503
++ `Retry-After` when overloaded, closing, not loaded yet, or when the
+request's bytes would take the bytes in flight past `max_inflight_bytes`,
+504 past the Predictor's timeout, 500 when the forward pass failed. A client
+that goes away mid-request is counted with code 499 and kind
+`client_closed`, and logged at DEBUG. Unexpected errors are logged through a
+`RateLimitedLog` (one traceback per interval).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from keras_tandem.errors import InvalidInputError, Overloaded, PredictionFailed, PredictorClosed
 from keras_tandem.server._limits import InflightBytes, RateLimitedLog, release_free_memory
+from keras_tandem.server._lookup import ModelLookup, ServableNotFound, SingleModel, UnknownLabel
 from keras_tandem.server._metrics import CONTENT_TYPE, ServerMetrics
 from keras_tandem.server._protocol import (
+    _loads,
     dumps,
     error_body,
     format_predictions,
@@ -54,7 +61,13 @@ _OFFLOAD_BYTES = 256 * 1024
 # back to the system (`release_free_memory`).
 _TRIM_BYTES = 4 * 1024 * 1024
 _NAME = "{name:[^/:]+}"
+_PREDICTOR_ERRORS = (InvalidInputError, Overloaded, PredictorClosed, TimeoutError,
+                     PredictionFailed)
 _VERSION = "{version:[^/:]+}"
+_LABEL = "{label:[^/:]+}"
+# The paths that name a model: its newest version, one version, one label.
+_MODEL_PATHS = ("", f"/versions/{_VERSION}", f"/labels/{_LABEL}")
+METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -85,11 +98,12 @@ class _Error(Exception):
 
 
 class ModelApp:
-    """The HTTP endpoints of one served model.
+    """The HTTP endpoints of the server's models.
 
     Args:
-        served: the `ServedModel`.
-        metrics: its `ServerMetrics`.
+        models: the `ModelLookup` every request is routed through (the
+            model registry), or one `ServedModel`.
+        metrics: the server's `ServerMetrics`.
         max_body_bytes: largest request body accepted (413 beyond it).
         retry_after_s: the `Retry-After` sent with 503.
         max_inflight_bytes: the most request bytes read, decoded and served
@@ -98,10 +112,12 @@ class ModelApp:
         logs: where unexpected errors are logged (rate-limited).
     """
 
-    def __init__(self, served: ServedModel, metrics: ServerMetrics, max_body_bytes: int,
-                 retry_after_s: int = 1, max_inflight_bytes: int | None = None,
-                 body_timeout_s: float = 60.0, logs: RateLimitedLog | None = None):
-        self.served = served
+    def __init__(self, models: ModelLookup | ServedModel, metrics: ServerMetrics | None,
+                 max_body_bytes: int, retry_after_s: int = 1,
+                 max_inflight_bytes: int | None = None, body_timeout_s: float = 60.0,
+                 logs: RateLimitedLog | None = None):
+        self.models: ModelLookup = (SingleModel(models) if isinstance(models, ServedModel)
+                                    else models)
         self.metrics = metrics
         self.max_body_bytes = int(max_body_bytes)
         self.retry_after_s = int(retry_after_s)
@@ -115,14 +131,15 @@ class ModelApp:
         """The aiohttp `Application` with every route."""
         app = web.Application(middlewares=[self._json_errors],
                               client_max_size=self.max_body_bytes)
-        base = f"/v1/models/{_NAME}"
-        app.router.add_post(f"{base}:predict", self.predict)
-        app.router.add_post(f"{base}/versions/{_VERSION}:predict", self.predict)
-        app.router.add_get(base, self.status)
-        app.router.add_get(f"{base}/versions/{_VERSION}", self.status)
-        app.router.add_get(f"{base}/metadata", self.metadata)
-        app.router.add_get(f"{base}/versions/{_VERSION}/metadata", self.metadata)
-        app.router.add_get("/metrics", self.prometheus)
+        for which in _MODEL_PATHS:
+            base = f"/v1/models/{_NAME}{which}"
+            app.router.add_post(f"{base}:predict", self.predict)
+            app.router.add_post(f"{base}:classify", self.classify)
+            app.router.add_post(f"{base}:regress", self.regress)
+            app.router.add_get(base, self.status)
+            app.router.add_get(f"{base}/metadata", self.metadata)
+        for path in METRICS_PATHS:
+            app.router.add_get(path, self.prometheus)
         app.router.add_get("/healthz", self.healthz)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -178,38 +195,55 @@ class ModelApp:
     # ----------------------------------------------------------- predict
 
     async def predict(self, request: web.Request) -> web.Response:
-        """`POST /v1/models/{name}[/versions/{v}]:predict`."""
+        """`POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict`."""
+        return await self._answer(request, "predict", self._predict)
+
+    async def classify(self, request: web.Request) -> web.Response:
+        """`POST /v1/models/{name}[/versions/{v}|/labels/{l}]:classify`."""
+        return await self._answer(request, "classify",
+                                  functools.partial(self._examples, method="classify"))
+
+    async def regress(self, request: web.Request) -> web.Response:
+        """`POST /v1/models/{name}[/versions/{v}|/labels/{l}]:regress`."""
+        return await self._answer(request, "regress",
+                                  functools.partial(self._examples, method="regress"))
+
+    async def _answer(self, request: web.Request, endpoint: str, run: Any) -> web.Response:
+        """Runs `run(request, reserved)`, mapping errors to answers and counting the request."""
         t0 = _now()
+        model = request.match_info.get("name")
         reserved = [0]  # request bytes taken from the in-flight budget
         try:
-            resp = await self._predict(request, reserved)
+            resp = await run(request, reserved)
         except _Error as e:
-            self.metrics.observe("predict", e.status, _now() - t0, e.kind)
+            self.metrics.observe(endpoint, e.status, _now() - t0, e.kind, model=model)
             return e.response(close=e.status in (408, 413) or e.kind == "inflight_bytes")
         except (ConnectionError, RequestPayloadError) as e:
             if isinstance(e, RequestPayloadError) and request.transport is not None:
-                self.metrics.observe("predict", 400, _now() - t0, "invalid_input")
+                self.metrics.observe(endpoint, 400, _now() - t0, "invalid_input", model=model)
                 return _Error(400, f"Malformed request body: {e}", "invalid_input").response(
                     close=True)
-            return self._client_closed(t0, e)
+            return self._client_closed(t0, e, endpoint, model)
         except Exception as e:  # a bug answers 500 JSON, not a dropped socket
-            self.logs.log("internal", logging.ERROR, "predict failed unexpectedly",
+            self.logs.log("internal", logging.ERROR, "%s failed unexpectedly", endpoint,
                           exc_info=True)
             err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-            self.metrics.observe("predict", 500, _now() - t0, err.kind)
+            self.metrics.observe(endpoint, 500, _now() - t0, err.kind, model=model)
             return err.response()
         finally:
             self.inflight.give(reserved[0])
             if reserved[0] >= _TRIM_BYTES and not self.inflight.used:
                 asyncio.get_running_loop().run_in_executor(None, release_free_memory)
         if request.transport is None:  # the client left while its answer was computed
-            return self._client_closed(t0, None)
-        self.metrics.observe("predict", 200, _now() - t0)
+            return self._client_closed(t0, None, endpoint, model)
+        self.metrics.observe(endpoint, 200, _now() - t0, model=model)
         return resp
 
-    def _client_closed(self, t0: float, error: BaseException | None) -> web.Response:
-        log.debug("predict: the client closed the connection (%s)", error or "before the answer")
-        self.metrics.observe("predict", 499, _now() - t0, "client_closed")
+    def _client_closed(self, t0: float, error: BaseException | None, endpoint: str = "predict",
+                       model: str | None = None) -> web.Response:
+        log.debug("%s: the client closed the connection (%s)", endpoint,
+                  error or "before the answer")
+        self.metrics.observe(endpoint, 499, _now() - t0, "client_closed", model=model)
         resp = web.Response(status=400, body=error_body("client closed the connection"),
                             content_type="application/json")  # never sent: the socket is gone
         resp.force_close()
@@ -274,17 +308,28 @@ class ModelApp:
                          retry_after=self.retry_after_s)
         reserved[0] += n
 
+    def _resolve(self, match: Any) -> tuple[tuple[str, int | None, str | None], Any, int | None]:
+        """`((name, version, label), servable, version the request pins or None)`.
+
+        Raises:
+            _Error: 404 unknown model or version, 400 unknown label, 503 nothing loaded yet.
+        """
+        name, version, label = match["name"], self._pinned_version(match), match.get("label")
+        try:
+            _, servable = self.models.resolve(name, version, label)
+        except UnknownLabel as e:
+            raise _Error(400, e.message, "unknown_label") from None
+        except ServableNotFound as e:
+            if e.unavailable:
+                raise self._unavailable(e.message) from None
+            raise _Error(404, e.message, "not_found") from None
+        pinned = version if version is not None else (
+            servable.current_version if label is not None else None)
+        return (name, version, label), servable, pinned
+
     async def _predict(self, request: web.Request, reserved: list[int]) -> web.Response:
-        served = self.served
-        match = request.match_info
-        pinned = self._pinned_version(match)
-        self._check_name(match["name"], pinned)
+        key, servable, pinned = self._resolve(request.match_info)
         body = await self._read_body(request, reserved)
-        servable = served.current
-        if servable is None:
-            raise self._unavailable(f"Model '{served.name}' has no version loaded yet.")
-        if pinned is not None and pinned != servable.current_version:
-            raise self._no_version(pinned)
         try:
             signature = _DEFAULT_SIGNATURE
             if servable.signatures and b"signature_name" in body:
@@ -307,24 +352,12 @@ class ModelApp:
             else:
                 x, fmt = parse(body, target.inputs)
             del body  # the decoded input is all that is needed now
-            servable, answer = self._submit(target, x, signature)
+            servable, answer = self._submit(target, x, signature, key)
             del x
             outputs, weight_version = await answer
-        except InvalidInputError as e:
-            raise _Error(400, str(e), "invalid_input") from None
-        except Overloaded as e:
-            raise self._unavailable(str(e), "overloaded") from None
-        except PredictorClosed as e:
-            raise self._unavailable(str(e), "closed") from None
-        except TimeoutError as e:
-            raise _Error(504, str(e), "timeout") from None
-        except PredictionFailed as e:
-            raise _Error(500, str(e), "prediction_failed") from None
-        version = servable.label(weight_version)
-        if pinned is not None and version != pinned:
-            raise _Error(404, f"Servable not found for request: Specific({served.name}, "
-                              f"{pinned}): version {version} replaced it while the request "
-                              "waited.", "not_found")
+        except _PREDICTOR_ERRORS as e:
+            raise self._predictor_error(e) from None
+        version = self._answered_version(key, servable, weight_version, pinned)
         try:
             if getattr(outputs, "nbytes", 0) > _OFFLOAD_BYTES:
                 payload = await asyncio.get_running_loop().run_in_executor(
@@ -339,26 +372,96 @@ class ModelApp:
             "X-Weight-Version": str(weight_version),
         })
 
-    def _submit(self, servable: Servable, x: Any,
-                signature: str = _DEFAULT_SIGNATURE) -> tuple[Servable, Any]:
+    def _predictor_error(self, e: Exception) -> _Error:
+        if isinstance(e, InvalidInputError):
+            return _Error(400, str(e), "invalid_input")
+        if isinstance(e, Overloaded):
+            return self._unavailable(str(e), "overloaded")
+        if isinstance(e, PredictorClosed):
+            return self._unavailable(str(e), "closed")
+        if isinstance(e, TimeoutError):
+            return _Error(504, str(e), "timeout")
+        return _Error(500, str(e), "prediction_failed")
+
+    def _answered_version(self, key: tuple[str, int | None, str | None], servable: Servable,
+                          weight_version: int, pinned: int | None) -> int:
+        """The model version that answered; 404 if it is not the one the request pinned."""
+        version = servable.label(weight_version)
+        if pinned is not None and version != pinned:
+            name, _, label = key
+            raise _Error(404, f"Servable not found for request: Specific({name}, "
+                              f"{label if label is not None else pinned}): version {version} "
+                              "replaced it while the request waited.", "not_found")
+        return version
+
+    def _submit(self, servable: Servable, x: Any, signature: str = _DEFAULT_SIGNATURE,
+                key: tuple[str, int | None, str | None] | None = None) -> tuple[Servable, Any]:
         # A future of the server's loop (a concurrent one before the app
         # starts): answered through the Predictor's loop bridge, as apredict is.
         loop = self._loop
         try:
             return servable, servable.predictor.submit(x, return_version=True, loop=loop)
         except PredictorClosed:
-            current = self.served.current  # swapped out under us: the new one answers
-            current = current.for_signature(signature) if current is not None else None
+            # Swapped out or unloaded under us: what the request names now answers.
+            if key is None:
+                names = self.models.names()
+                if len(names) != 1:
+                    raise
+                key = (names[0], None, None)
+            try:
+                _, current = self.models.resolve(*key)
+            except ServableNotFound:
+                raise PredictorClosed(f"Model '{key[0]}': the version that was to answer "
+                                      "was unloaded; retry.") from None
+            current = current.for_signature(signature)
             if current is None or current is servable:
                 raise
             return current, current.predictor.submit(x, return_version=True, loop=loop)
 
+    async def _examples(self, request: web.Request, reserved: list[int],
+                        method: str) -> web.Response:
+        """`:classify` / `:regress`: TF Serving's `examples` in, `results` out."""
+        from keras_tandem.server import _examples
+
+        key, servable, pinned = self._resolve(request.match_info)
+        body = await self._read_body(request, reserved)
+        loop = asyncio.get_running_loop()
+        try:
+            doc = (await loop.run_in_executor(None, _loads, body) if len(body) > _OFFLOAD_BYTES
+                   else _loads(body))
+            del body
+            if not isinstance(doc, dict):
+                raise InvalidInputError(f"The :{method} body must be a JSON object with "
+                                        '"examples" (and optionally "context").')
+            signature = doc.get("signature_name") or _DEFAULT_SIGNATURE
+            if not isinstance(signature, str):
+                raise InvalidInputError("'signature_name' key must be a string value.")
+            serialized = _examples.examples_from_json(doc)
+            del doc
+            x = _examples.prepare_examples(servable.signature_def, signature, method, serialized)
+            target = servable.for_signature(signature)
+            if target is None:
+                raise InvalidInputError(
+                    f"Serving signature name: \"{signature}\" not found in signature def. "
+                    f"This model has {', '.join(map(repr, servable.signature_names))}.")
+            answered, answer = self._submit(target, x, signature, key)
+            outputs, weight_version = await answer
+            version = self._answered_version(key, answered, weight_version, pinned)
+            if method == "classify":
+                results = _examples.classify_results(servable.signature_def, signature, outputs)
+            else:
+                results = _examples.regress_results(servable.signature_def, signature, outputs)
+            payload = _examples.results_json(results)
+        except _PREDICTOR_ERRORS as e:
+            raise self._predictor_error(e) from None
+        return web.Response(body=payload, headers={
+            "Content-Type": "application/json",
+            "X-Model-Version": str(version),
+            "X-Weight-Version": str(weight_version),
+        })
+
     def _unavailable(self, message: str, kind: str = "unavailable") -> _Error:
         return _Error(503, message, kind, retry_after=self.retry_after_s)
-
-    def _no_version(self, version: Any) -> _Error:
-        return _Error(404, f"Servable not found for request: Specific({self.served.name}, "
-                           f"{version})", "not_found")
 
     def _pinned_version(self, match: Any) -> int | None:
         v = match.get("version")
@@ -370,46 +473,37 @@ class ModelApp:
             raise _Error(404, f"Invalid version {v!r}: versions are integers.",
                          "not_found") from None
 
-    def _check_name(self, name: str, pinned: int | None) -> None:
-        if name != self.served.name:
-            which = f"Latest({name})" if pinned is None else f"Specific({name}, {pinned})"
-            raise _Error(404, f"Servable not found for request: {which}", "not_found")
-
     # -------------------------------------------------------- the others
 
     async def status(self, request: web.Request) -> web.Response:
-        """`GET /v1/models/{name}[/versions/{v}]`: TF Serving's model status."""
+        """`GET /v1/models/{name}[/versions/{v}|/labels/{l}]`: TF Serving's model status."""
+        name = request.match_info["name"]
         try:
             pinned = self._pinned_version(request.match_info)
-            name = request.match_info["name"]
-            if name != self.served.name:
-                raise _Error(404, f"Could not find any versions of model {name}", "not_found")
-            entries = self.served.status(pinned)
-            if not entries:
-                raise (self._no_version(pinned) if pinned is not None else _Error(
-                    404, f"Could not find any versions of model {name}", "not_found"))
+            label = request.match_info.get("label")
+            if label is not None:
+                _, _, pinned = self._resolve(request.match_info)
+            try:
+                entries = self.models.status(name, pinned)
+            except ServableNotFound as e:
+                raise _Error(404, e.message, "not_found") from None
         except _Error as e:
-            self.metrics.observe("status", e.status, error_kind=e.kind)
+            self.metrics.observe("status", e.status, error_kind=e.kind, model=name)
             return e.response()
-        self.metrics.observe("status", 200)
+        self.metrics.observe("status", 200, model=name)
         return _json({"model_version_status": entries})
 
     async def metadata(self, request: web.Request) -> web.Response:
-        """`GET /v1/models/{name}[/versions/{v}]/metadata`: inputs and outputs."""
+        """`GET /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata`: inputs and outputs."""
+        name = request.match_info["name"]
         try:
-            pinned = self._pinned_version(request.match_info)
-            self._check_name(request.match_info["name"], pinned)
-            servable = self.served.current
-            if servable is None:
-                raise self._unavailable(f"Model '{self.served.name}' has no version loaded yet.")
+            _, servable, _ = self._resolve(request.match_info)
             version = servable.current_version
-            if pinned is not None and pinned != version:
-                raise self._no_version(pinned)
         except _Error as e:
-            self.metrics.observe("metadata", e.status, error_kind=e.kind)
+            self.metrics.observe("metadata", e.status, error_kind=e.kind, model=name)
             return e.response()
-        self.metrics.observe("metadata", 200)
-        return _json(metadata_doc(self.served.name, version, servable.inputs, servable.outputs,
+        self.metrics.observe("metadata", 200, model=name)
+        return _json(metadata_doc(name, version, servable.inputs, servable.outputs,
                                   servable.signature_def))
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -418,12 +512,23 @@ class ModelApp:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """`GET /healthz`: 200 while a version is served, else 503."""
-        servable = self.served.current
-        if servable is None:
-            err = self._unavailable(f"Model '{self.served.name}' has no version loaded yet.")
+        """`GET /healthz`: 200 while every model has a version loaded, else 503 naming the rest."""
+        versions: dict[str, str] = {}
+        missing = []
+        for name in self.models.names():
+            try:
+                _, servable = self.models.resolve(name)
+            except ServableNotFound:
+                missing.append(name)
+                continue
+            versions[name] = str(servable.current_version)
+        if missing or not versions:
+            err = self._unavailable(
+                "No version loaded yet of model(s) " + ", ".join(repr(n) for n in missing)
+                if missing else "No model is served.")
             self.metrics.observe("healthz", 503, error_kind=err.kind)
             return err.response()
         self.metrics.observe("healthz", 200)
-        return _json({"status": "ok", "model": self.served.name,
-                      "version": str(servable.current_version)})
+        first = next(iter(versions))
+        return _json({"status": "ok", "model": first, "version": versions[first],
+                      "models": versions})

@@ -1,40 +1,45 @@
 """Prometheus metrics of one server, in a registry of its own.
 
 Owns: the HTTP-side counters and latency histogram (recorded by the request
-handlers on the event loop), and a collector that reads the Predictor's
-`stats()` at scrape time (queue depth, versions, batches). Each server has
-its own `CollectorRegistry`, so several servers (tests) never clash and
-`/metrics` shows only this server's model.
+handlers on the event loop, and by gRPC's), and a collector that reads the
+Predictors' `stats()` at scrape time. Every metric has a `model` label; a
+model's batcher metrics (queue depth, batch sizes, queue waits, requests,
+batches, rejections) add up all of its Predictors: every loaded version and
+every signature. Counters and histograms are kept from `stats()` deltas, so
+they never go backwards when a Predictor is replaced or a version unloaded
+(a retired Predictor's last stats are taken when it closes). Each server has
+its own `CollectorRegistry`, so several servers (tests) never clash.
 
-The batch-size histogram is built from `Predictor.stats()` deltas, sampled
-every half second and at each scrape: its `_count` (batches) and `_sum` (rows)
-are exact; each sample's batches go into the bucket of that interval's mean
-batch size (the Predictor has no public per-batch hook).
+The batch-size histogram is sampled every half second and at each scrape:
+its `_count` (batches) and `_sum` (rows) are exact; each sample's batches go
+into the bucket of that interval's mean batch size (the Predictor has no
+public per-batch hook). The queue-wait histogram is exact: the Predictor
+counts each request's wait in `QUEUE_WAIT_BOUNDS`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from keras_tandem.serving.specs import bucket_sizes
+from keras_tandem.serving.specs import QUEUE_WAIT_BOUNDS, bucket_sizes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 
-
 class BatchSizeHistogram:
-    """A cumulative batch-size histogram fed from `stats()` snapshots.
+    """A cumulative batch-size histogram fed from `stats()` snapshots of one or more Predictors.
 
     Args:
-        max_batch_size: the Predictor's largest batch. The bucket bounds are
-            the batch sizes its forward pass runs at (`bucket_sizes`).
+        max_batch_size: the Predictors' largest batch. The bucket bounds are
+            the batch sizes the forward pass runs at (`bucket_sizes`).
     """
 
     def __init__(self, max_batch_size: int):
@@ -43,27 +48,24 @@ class BatchSizeHistogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.count = 0
         self.sum = 0.0
-        self._source: Any = None
-        self._batches = 0
-        self._rows = 0.0
+        self._last: dict[Any, tuple[int, float]] = {}  # source -> (batches, rows) seen
         self._lock = threading.Lock()
 
     def sample(self, source: Any, stats: dict[str, Any]) -> None:
         """Adds the batches `source` ran since its previous sample.
 
         Args:
-            source: the Predictor the stats came from (a new one restarts counting).
+            source: the Predictor the stats came from (a new one starts from zero).
             stats: its `stats()` snapshot.
         """
         batches = int(stats.get("batches", 0))
         rows = float(stats.get("mean_batch_size", 0.0)) * batches
         with self._lock:
-            if source is not self._source:
-                self._source, self._batches, self._rows = source, 0, 0.0
-            d_batches, d_rows = batches - self._batches, rows - self._rows
+            seen_batches, seen_rows = self._last.get(source, (0, 0.0))
+            d_batches, d_rows = batches - seen_batches, rows - seen_rows
             if d_batches <= 0:
                 return
-            self._batches, self._rows = batches, rows
+            self._last[source] = (batches, rows)
             mean = d_rows / d_batches
             i = next((k for k, bound in enumerate(self.bounds) if mean <= bound),
                      len(self.bounds))
@@ -71,34 +73,98 @@ class BatchSizeHistogram:
             self.count += d_batches
             self.sum += d_rows
 
+    def forget(self, source: Any) -> None:
+        """Drops a retired source (after its last sample)."""
+        with self._lock:
+            self._last.pop(source, None)
+
     def buckets(self) -> list[tuple[str, int]]:
         """Cumulative `(le, count)` pairs, ending with `+Inf`."""
         with self._lock:
-            out, total = [], 0
-            for bound, c in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
-                total += c
-                out.append((bound, total))
-            return out
+            return _cumulative(self.bounds, self.counts)
+
+
+def _cumulative(bounds: Any, counts: list[int]) -> list[tuple[str, int]]:
+    out, total = [], 0
+    for bound, c in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        total += c
+        out.append((bound, total))
+    return out
+
+
+_COUNTERS = ("requests", "batches", "rejected", "queue_wait_seconds")
+
+
+@dataclass
+class _ModelStats:
+    """A model's batcher figures, summed over its Predictors, kept from stats() deltas."""
+
+    max_batch_size: int
+    current: Callable[[], tuple[Any, Any]]
+    predictors: Callable[[], list[Any]]
+    load_failures: Callable[[], int]
+    batch_sizes: BatchSizeHistogram = field(init=False)
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0.0))
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_WAIT_BOUNDS) + 1))
+    queue_depth: float = 0.0
+    _last: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = BatchSizeHistogram(self.max_batch_size)
+
+    def take(self, source: Any, stats: dict[str, Any]) -> None:
+        self.batch_sizes.sample(source, stats)
+        with self._lock:
+            last = self._last.get(source, {})
+            for key in _COUNTERS:
+                value = float(stats.get(key, 0.0))
+                delta = value - float(last.get(key, 0.0))
+                if delta > 0:
+                    self.totals[key] += delta
+            counts = list(stats.get("queue_wait_counts") or [])
+            seen = last.get("queue_wait_counts") or [0] * len(counts)
+            for i, (c, s) in enumerate(zip(counts, seen, strict=False)):
+                if i < len(self.wait_counts) and c > s:
+                    self.wait_counts[i] += c - s
+            self._last[source] = stats
+
+    def sample(self) -> list[dict[str, Any]]:
+        snapshots = []
+        depth = 0.0
+        for p in self.predictors():
+            stats = p.stats()
+            self.take(p, stats)
+            depth += float(stats.get("queue_depth", 0))
+            snapshots.append(stats)
+        self.queue_depth = depth
+        return snapshots
+
+    def retire(self, source: Any) -> None:
+        self.take(source, source.stats())
+        self.batch_sizes.forget(source)
+        with self._lock:
+            self._last.pop(source, None)
 
 
 class ServerMetrics:
-    """The metrics of one served model.
+    """The metrics of a server's models.
 
     Args:
-        model_name: the `model` label on every metric.
-        max_batch_size: the Predictor's largest batch (bucket bounds).
-        current: returns `(predictor, model_version)` now served, or `(None, None)`.
+        model_name: the `model` label of requests that name no served model
+            (a single-model server: its name), and, with `current`, a first model.
+        max_batch_size: that model's largest batch (bucket bounds).
+        current: returns `(predictor, model_version)` now answering, or `(None, None)`.
         load_failures: returns how many version loads failed so far.
     """
 
-    def __init__(self, model_name: str, max_batch_size: int,
-                 current: Callable[[], tuple[Any, Any]],
-                 load_failures: Callable[[], int]):
+    def __init__(self, model_name: str = "", max_batch_size: int = 256,
+                 current: Callable[[], tuple[Any, Any]] | None = None,
+                 load_failures: Callable[[], int] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.model_name = model_name
-        self.batch_sizes = BatchSizeHistogram(max_batch_size)
-        self._current = current
-        self._load_failures = load_failures
+        self._models: dict[str, _ModelStats] = {}
+        self._lock = threading.Lock()
         self.requests = Counter(
             "keras_tandem_http_requests", "HTTP requests answered, by endpoint and status code.",
             ["model", "endpoint", "code"], registry=self.registry)
@@ -110,39 +176,87 @@ class ServerMetrics:
             "Time from reading a predict request to its response being ready.",
             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_PredictorCollector(self))
-        self._latency = self.latency.labels(model_name)
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._errors: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._errors: dict[tuple[str, str], Any] = {}
+        if current is not None:
+            self.add_model(model_name, max_batch_size, current,
+                           lambda: [p] if (p := current()[0]) is not None else [],
+                           load_failures or (lambda: 0))
+
+    def add_model(self, name: str, max_batch_size: int, current: Callable[[], tuple[Any, Any]],
+                  predictors: Callable[[], list[Any]],
+                  load_failures: Callable[[], int]) -> None:
+        """Adds a model's batcher metrics.
+
+        Args:
+            name: the `model` label.
+            max_batch_size: its Predictors' largest batch (bucket bounds).
+            current: returns `(predictor, model_version)` answering requests
+                that name no version, or `(None, None)`.
+            predictors: returns every Predictor of the model now (all loaded
+                versions and signatures).
+            load_failures: returns how many version loads failed so far.
+        """
+        with self._lock:
+            self._models[name] = _ModelStats(max_batch_size, current, predictors, load_failures)
+
+    def remove_model(self, name: str) -> None:
+        """Drops a model that is no longer served (its series disappear)."""
+        with self._lock:
+            self._models.pop(name, None)
+
+    def _label(self, model: str | None) -> str:
+        if model is None or model not in self._models:
+            return self.model_name  # an unknown name: no label per name a client makes up
+        return model
 
     def observe(self, endpoint: str, code: int, seconds: float | None = None,
-                error_kind: str | None = None) -> None:
-        """Counts one answered request (and its latency, for predict)."""
-        key = (endpoint, code)
+                error_kind: str | None = None, model: str | None = None) -> None:
+        """Counts one answered request (and its latency, for predict-like endpoints).
+
+        Args:
+            endpoint: `predict`, `classify`, `status`, ... (`other` for no route).
+            code: the HTTP status code (gRPC: its HTTP equivalent).
+            seconds: the request's latency, if measured.
+            error_kind: the kind of error, if it failed.
+            model: the served model the request named (None or unknown: the
+                server's default label).
+        """
+        label = self._label(model)
+        key = (label, endpoint, code)
         child = self._requests.get(key)
         if child is None:
-            child = self._requests[key] = self.requests.labels(self.model_name, endpoint,
-                                                               str(code))
+            child = self._requests[key] = self.requests.labels(label, endpoint, str(code))
         child.inc()
         if seconds is not None:
-            self._latency.observe(seconds)
+            latency = self._latency.get(label)
+            if latency is None:
+                latency = self._latency[label] = self.latency.labels(label)
+            latency.observe(seconds)
         if error_kind is not None:
-            err = self._errors.get(error_kind)
+            err = self._errors.get((label, error_kind))
             if err is None:
-                err = self._errors[error_kind] = self.errors.labels(self.model_name, error_kind)
+                err = self._errors[(label, error_kind)] = self.errors.labels(label, error_kind)
             err.inc()
 
-    def sample(self) -> dict[str, Any] | None:
-        """Feeds the batch-size histogram from the served Predictor's stats."""
-        predictor, _ = self._current()
-        if predictor is None:
-            return None
-        stats = predictor.stats()
-        self.batch_sizes.sample(predictor, stats)
-        return stats
+    def sample(self) -> None:
+        """Feeds every model's histograms and totals from its Predictors' stats."""
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            m.sample()
 
-    def sample_retired(self, predictor: Any) -> None:
-        """Takes a last sample of a Predictor that is being replaced."""
-        self.batch_sizes.sample(predictor, predictor.stats())
+    def sample_retired(self, predictor: Any, model: str | None = None) -> None:
+        """Takes the last stats of a Predictor that was unloaded or replaced.
+
+        Args:
+            predictor: the retired Predictor.
+            model: its model (default: the server's default label).
+        """
+        m = self._models.get(model if model is not None else self.model_name)
+        if m is not None:
+            m.retire(predictor)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -158,48 +272,67 @@ class _PredictorCollector:
 
     def collect(self) -> Iterator[Any]:
         m = self._m
-        labels = [m.model_name]
-        stats = m.sample()
-        _, version = m._current()
-        hist = HistogramMetricFamily(
-            "keras_tandem_batch_size", "Rows per forward pass of the Predictor.",
-            labels=["model"])
-        hist.add_metric(labels, m.batch_sizes.buckets(), m.batch_sizes.sum)
-        yield hist
-        failures = CounterMetricFamily(
-            "keras_tandem_version_load_failures", "Model versions that failed to load.",
-            labels=["model"])
-        failures.add_metric(labels, m._load_failures())
-        yield failures
-        if version is not None:
-            g = GaugeMetricFamily("keras_tandem_model_version",
-                                  "The model version now served.", labels=["model"])
-            g.add_metric(labels, float(version))
-            yield g
-        if stats is None:
-            return
-        gauges = [
-            ("keras_tandem_queue_depth", "Requests waiting in the Predictor's queue.",
-             "queue_depth"),
-            ("keras_tandem_weight_version", "The Predictor's weight version now served.",
-             "version"),
-            ("keras_tandem_mean_batch_size", "Mean rows per forward pass since start.",
-             "mean_batch_size"),
-            ("keras_tandem_predictor_p99_latency_seconds",
-             "The Predictor's p99 latency over recent requests.", "p99_latency_ms"),
-        ]
-        for name, doc, key in gauges:
-            g = GaugeMetricFamily(name, doc, labels=["model"])
-            value = float(stats.get(key, 0.0))
-            g.add_metric(labels, value / 1e3 if key.endswith("_ms") else value)
-            yield g
-        counters = [
-            ("keras_tandem_predictor_requests", "Requests the Predictor answered.", "requests"),
-            ("keras_tandem_predictor_batches", "Forward passes the Predictor ran.", "batches"),
-            ("keras_tandem_predictor_rejected", "Requests refused because the queue was full.",
-             "rejected"),
-        ]
-        for name, doc, key in counters:
-            c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric(labels, float(stats.get(key, 0)))
-            yield c
+        with m._lock:
+            models = sorted(m._models.items())
+        families = {
+            "batch": HistogramMetricFamily(
+                "keras_tandem_batch_size", "Rows per forward pass of the model's Predictors.",
+                labels=["model"]),
+            "wait": HistogramMetricFamily(
+                "keras_tandem_queue_wait_seconds",
+                "Time requests waited in the batching queue before their batch started.",
+                labels=["model"]),
+            "failures": CounterMetricFamily(
+                "keras_tandem_version_load_failures", "Model versions that failed to load.",
+                labels=["model"]),
+            "version": GaugeMetricFamily("keras_tandem_model_version",
+                                         "The model version answering requests naming none.",
+                                         labels=["model"]),
+            "depth": GaugeMetricFamily("keras_tandem_queue_depth",
+                                       "Requests waiting in the model's Predictors' queues.",
+                                       labels=["model"]),
+            "weights": GaugeMetricFamily("keras_tandem_weight_version",
+                                         "The weight version of the Predictor answering now.",
+                                         labels=["model"]),
+            "mean": GaugeMetricFamily("keras_tandem_mean_batch_size",
+                                      "Mean rows per forward pass since start.",
+                                      labels=["model"]),
+            "p99": GaugeMetricFamily("keras_tandem_predictor_p99_latency_seconds",
+                                     "The answering Predictor's p99 latency over recent "
+                                     "requests.", labels=["model"]),
+            "requests": CounterMetricFamily("keras_tandem_predictor_requests",
+                                            "Requests the model's Predictors answered.",
+                                            labels=["model"]),
+            "batches": CounterMetricFamily("keras_tandem_predictor_batches",
+                                           "Forward passes the model's Predictors ran.",
+                                           labels=["model"]),
+            "rejected": CounterMetricFamily("keras_tandem_predictor_rejected",
+                                            "Requests refused because a queue was full.",
+                                            labels=["model"]),
+        }
+        for name, s in models:
+            labels = [name]
+            s.sample()
+            predictor, version = s.current()
+            families["batch"].add_metric(labels, s.batch_sizes.buckets(), s.batch_sizes.sum)
+            with s._lock:
+                waits = _cumulative(QUEUE_WAIT_BOUNDS, s.wait_counts)
+                totals = dict(s.totals)
+            families["wait"].add_metric(labels, waits, totals["queue_wait_seconds"])
+            families["failures"].add_metric(labels, s.load_failures())
+            families["depth"].add_metric(labels, s.queue_depth)
+            families["requests"].add_metric(labels, totals["requests"])
+            families["batches"].add_metric(labels, totals["batches"])
+            families["rejected"].add_metric(labels, totals["rejected"])
+            if s.batch_sizes.count:
+                families["mean"].add_metric(labels, s.batch_sizes.sum / s.batch_sizes.count)
+            else:
+                families["mean"].add_metric(labels, 0.0)
+            if version is not None:
+                families["version"].add_metric(labels, float(version))
+            if predictor is not None:
+                stats = predictor.stats()
+                families["weights"].add_metric(labels, float(stats.get("version", 0)))
+                families["p99"].add_metric(labels,
+                                           float(stats.get("p99_latency_ms", 0.0)) / 1e3)
+        yield from families.values()

@@ -37,6 +37,10 @@ from keras_tandem.serving.specs import ArraySpec, castable
 
 ROW = "row"
 COLUMNAR = "columnar"
+# Appended to the format when the request left out an input's trailing
+# size-1 dimensions (TF Serving feeds `[1.0, 2.0]` to an `x` declared
+# `[-1, 1]`); the answer leaves them out as well.
+SQUEEZED = "+squeezed"
 # Large bodies are decoded in pieces of about this size: big enough that the
 # per-piece cost vanishes, small enough that one piece's Python objects stay
 # a small share of the body.
@@ -212,8 +216,10 @@ def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
     doc = _loads(body)
     _check_document(doc, signature, signature_names)
     if "instances" in doc:
-        return _rows_to_input(doc["instances"], fields), ROW
-    return _columns_to_input(doc["inputs"], fields), COLUMNAR
+        x, squeezed = _rows_to_input(doc["instances"], fields)
+        return x, ROW + squeezed
+    x, squeezed = _columns_to_input(doc["inputs"], fields)
+    return x, COLUMNAR + squeezed
 
 
 def _loads(body: Any) -> Any:
@@ -244,6 +250,10 @@ def _check_document(doc: Any, signature: str = "serving_default",
             'The request body must be a JSON object with "instances" (row format) or '
             f'"inputs" (columnar format); got a JSON {type(doc).__name__}.'
         )
+    if not isinstance(doc.get("signature_name", ""), str):
+        raise InvalidInputError(  # TF Serving's words
+            f"JSON Value: {doc['signature_name']!r} not formatted correctly. 'signature_name' key "
+            "must be a string value.")
     has_rows, has_cols = "instances" in doc, "inputs" in doc
     if has_rows and has_cols:
         raise InvalidInputError(
@@ -286,11 +296,13 @@ def _decode_numeric_array(body: bytes | bytearray, fields: Sequence[ArraySpec],
         return None
     arr, source_dtype = decoded
     if span.key == "inputs":
-        return arr, COLUMNAR
+        arr, squeezed = _unsqueeze(arr, field, batched=True)
+        return arr, COLUMNAR + squeezed
+    arr, squeezed = _unsqueeze(arr, field, batched=True)
     # The row check and its message, as the generic path gives them, from a
     # zero-size stand-in with the decoded dtype (the cast array's would differ).
     _check_rows(np.broadcast_to(np.zeros((), source_dtype), arr.shape), len(arr), field)
-    return arr, ROW
+    return arr, ROW + squeezed
 
 
 def _as_array(value: Any, what: str) -> np.ndarray:
@@ -309,6 +321,15 @@ def _cast(arr: np.ndarray, field: ArraySpec) -> np.ndarray:
         with np.errstate(over="ignore"):  # too large for float32: +/-Infinity, as TF Serving
             return arr.astype(field.dtype)
     return arr
+
+
+def _unsqueeze(arr: np.ndarray, field: ArraySpec, batched: bool) -> tuple[np.ndarray, str]:
+    """`arr` with the field's trailing size-1 dimensions added if it left them out."""
+    short = len(field.shape) + (1 if batched else 0) - arr.ndim
+    if (short > 0 and arr.ndim >= (1 if batched else 0)
+            and all(d == 1 for d in field.shape[len(field.shape) - short:])):
+        return arr.reshape(arr.shape + (1,) * short), SQUEEZED
+    return arr, ""
 
 
 def _check_rows(arr: np.ndarray, rows: int, field: ArraySpec) -> None:
@@ -337,9 +358,9 @@ def _rows_to_input(instances: Any, fields: Sequence[ArraySpec]) -> Any:
                 'instance must be a JSON object keyed by input name, e.g. {"'
                 f'{names[0]}": ...}}.'
             )
-        arr = _as_array(instances, '"instances"')
+        arr, squeezed = _unsqueeze(_as_array(instances, '"instances"'), fields[0], batched=True)
         _check_rows(arr, rows, fields[0])
-        return _cast(arr, fields[0])
+        return _cast(arr, fields[0]), squeezed
     keys = list(first)
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict) or (i and inst.keys() != first.keys()):
@@ -349,24 +370,38 @@ def _rows_to_input(instances: Any, fields: Sequence[ArraySpec]) -> Any:
                 "every instance must name the same inputs."
             )
     by_name = {f.name: f for f in fields}
-    columns = {}
+    columns, squeezed = {}, ""
     for k in keys:
         arr = _as_array([inst[k] for inst in instances], f"Input '{k}'")
         if k in by_name:
+            arr, short = _unsqueeze(arr, by_name[k], batched=True)
+            squeezed = squeezed or short
             _check_rows(arr, rows, by_name[k])
             arr = _cast(arr, by_name[k])
         columns[k] = arr  # unknown or missing names: the Predictor names them
-    return columns
+    return columns, squeezed
 
 
 def _columns_to_input(inputs: Any, fields: Sequence[ArraySpec]) -> Any:
     if inputs is None:
         raise InvalidInputError('"inputs" is null: expected the input tensor(s).')
     if isinstance(inputs, dict):  # unknown or missing names: the Predictor names them
-        return {k: _as_array(v, f"Input '{k}'") for k, v in inputs.items()}
+        by_name = {f.name: f for f in fields}
+        columns, squeezed = {}, ""
+        for k, v in inputs.items():
+            arr = _as_array(v, f"Input '{k}'")
+            if k in by_name and arr.ndim:
+                arr, short = _unsqueeze(arr, by_name[k], batched=True)
+                squeezed = squeezed or short
+            columns[k] = arr
+        return columns, squeezed
     if len(fields) == 1:
-        return _cast(_as_array(inputs, '"inputs"'), fields[0])
-    return inputs  # a list of tensors; the Predictor checks it
+        arr = _as_array(inputs, '"inputs"')
+        squeezed = ""
+        if arr.ndim:
+            arr, squeezed = _unsqueeze(arr, fields[0], batched=True)
+        return _cast(arr, fields[0]), squeezed
+    return inputs, ""  # a list of tensors; the Predictor checks it
 
 
 # ----------------------------------------------------------------- responses
@@ -383,6 +418,13 @@ def format_predictions(outputs: Any, spec: OutputSpec, fmt: str) -> bytes:
     Returns:
         The encoded JSON body.
     """
+    if fmt.endswith(SQUEEZED):
+        fmt = fmt.removesuffix(SQUEEZED)
+        if spec.structure == "single":
+            outputs = _squeeze_answer(outputs)
+        else:
+            flat = [_squeeze_answer(o) for o in spec.flatten(outputs)]
+            outputs = dict(zip(spec.names, flat)) if spec.structure == "dict" else flat
     if spec.structure == "single":
         return dumps({"predictions" if fmt == ROW else "outputs": json_safe(outputs)})
     flat = [json_safe(np.asarray(o)) for o in spec.flatten(outputs)]
@@ -391,6 +433,14 @@ def format_predictions(outputs: Any, spec: OutputSpec, fmt: str) -> bytes:
                  for i in range(len(flat[0]))]
         return dumps({"predictions": preds})
     return dumps({"outputs": dict(zip(spec.names, flat, strict=True))})
+
+
+def _squeeze_answer(output: Any) -> Any:
+    """An output without its trailing size-1 dimensions (the batch axis stays)."""
+    arr = np.asarray(output)
+    while arr.ndim > 1 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
 
 
 def version_status(version: int | str, state: str, error_code: str = "OK",

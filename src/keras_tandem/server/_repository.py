@@ -3,14 +3,20 @@
 Owns:
 - `Servable`: one Predictor and what the server knows about it (inputs,
   outputs, the model version each of its weight versions belongs to).
-- `ServedModel`: the servable now answering, swapped atomically, and the
-  TF Serving state (`LOADING`, `AVAILABLE`, `END`) of every version seen.
+- `ServedModel`: the versions of one model loaded now (the newest answers
+  requests naming none), its version labels, and the TF Serving state
+  (`LOADING`, `AVAILABLE`, `END`) of every version seen.
+- `VersionPolicy`: TF Serving's `latest { num_versions }` / `all` / `specific`.
 - `VersionWatcher`: polls a TF Serving-style base directory (`BASE/1/model.keras`,
-  `BASE/2/saved_model.pb`, ...), loads a new version once its file is complete, warms it up
-  and swaps it in: `update_weights` for the same architecture, a new
-  Predictor otherwise (always for a SavedModel, whose weights live in its
-  functions). A version that fails to load is reported and the old one
-  keeps serving; a version directory with neither format is warned about.
+  `BASE/2/saved_model.pb`, ...), loads the versions its policy picks once their
+  files are complete, warms them up (a probe, then the version's TF Serving
+  warm-up records) and makes them AVAILABLE, then unloads the versions the
+  policy dropped (their Predictors answer what is queued, then close). A
+  version replacing one of the same architecture takes over its Predictor
+  with `update_weights`; otherwise it gets a new Predictor (always for a
+  SavedModel, whose weights live in its functions). A version that fails to
+  load is reported and the loaded ones keep serving; a version directory
+  with neither format is warned about.
 
 SavedModels become Keras models in `_savedmodel`.
 
@@ -41,6 +47,7 @@ from keras_tandem.server._savedmodel import (
     signature_def_doc,
     signature_models,
 )
+from keras_tandem.server._warmup import replay_warmup
 from keras_tandem.serving.predictor import Predictor
 
 log = logging.getLogger("keras_tandem.server")
@@ -134,11 +141,14 @@ class Servable:
         """The signature names a request may choose."""
         return [DEFAULT_SIGNATURE, *sorted(self.signatures)]
 
+    def predictors(self) -> list[Predictor]:
+        """Its Predictors: the default signature's, then the others'."""
+        return [self.predictor, *(s.predictor for s in self.signatures.values())]
+
     def close(self) -> None:
         """Closes its Predictors (each answers everything already queued on it)."""
-        self.predictor.close()
-        for other in self.signatures.values():
-            other.predictor.close()
+        for predictor in self.predictors():
+            predictor.close()
 
     def swap_weights(self, model: Any, version: int) -> int:
         """Swaps `model`'s weights in as `version`; returns the new weight version."""
@@ -159,25 +169,175 @@ class _VersionState:
     error_message: str = ""
 
 
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a base directory are served: TF Serving's `model_version_policy`.
+
+    Args:
+        kind: "latest" (the `num_versions` newest), "all", or "specific"
+            (exactly `versions`).
+        num_versions: how many versions "latest" serves.
+        versions: the versions "specific" serves.
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("latest", "all", "specific"):
+            raise ValueError(f"Unknown version policy {self.kind!r}: use latest, all or specific.")
+        if self.kind == "latest" and self.num_versions < 1:
+            raise ValueError(f"latest {{ num_versions: {self.num_versions} }}: num_versions "
+                             "must be at least 1.")
+        if self.kind == "specific" and not self.versions:
+            raise ValueError("specific {} names no version: add `versions: N` lines.")
+
+    def select(self, versions: Any) -> set[int]:
+        """The versions of `versions` that this policy serves."""
+        versions = set(versions)
+        if self.kind == "all":
+            return versions
+        if self.kind == "specific":
+            return versions & set(self.versions)
+        return set(sorted(versions, reverse=True)[:self.num_versions])
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest {{ num_versions: {self.num_versions} }}"
+        if self.kind == "all":
+            return "all {}"
+        return "specific { " + " ".join(f"versions: {v}" for v in sorted(self.versions)) + " }"
+
+
+LATEST_ONE = VersionPolicy()
+
+
 class ServedModel:
-    """The servable now answering for one model name, and its versions' states.
+    """The loaded versions of one model name, its labels, and every version's state.
+
+    Several versions may be loaded at once (a version policy such as
+    `latest { num_versions: 2 }` or `all {}`); each is a `Servable`, and the
+    newest answers requests that name no version. A `Servable` made from a
+    caller's Predictor follows its weight versions instead.
 
     Args:
         name: the model name in URLs.
         servable: what serves at first (None until a first version loads).
+        policy: the `VersionPolicy` its watcher applies (default latest 1).
     """
 
-    def __init__(self, name: str, servable: Servable | None = None):
+    def __init__(self, name: str, servable: Servable | None = None,
+                 policy: VersionPolicy = LATEST_ONE):
         self.name = name
-        self.current = servable
+        self.policy = policy
         self.load_failures = 0
         self._states: dict[int, _VersionState] = {}
+        self._loaded: dict[int, Servable] = {}  # AVAILABLE model version -> servable
+        self._follower: Servable | None = None  # a caller's Predictor: follows its weights
+        self._newest: Servable | None = None  # the newest loaded version's servable
+        self._labels: dict[str, int] = {}
+        self._pending_labels: dict[str, int] = {}  # wait for their version to be AVAILABLE
         self._lock = threading.Lock()
         # Called (on the loading thread) after a different Predictor took
         # over, with the one it replaced (already closed) or None.
         self.on_new_predictor: Callable[[Predictor | None], None] | None = None
-        if servable is not None and not servable.follows_weights:
-            self._states[servable.version] = _VersionState(AVAILABLE)
+        # Called after a servable was unloaded and closed (its last stats).
+        self.on_retired: Callable[[Servable], None] | None = None
+        if servable is not None:
+            if servable.follows_weights:
+                self._follower = servable
+            else:
+                self._loaded[servable.version] = servable
+                self._newest = servable
+                self._states[servable.version] = _VersionState(AVAILABLE)
+
+    @property
+    def current(self) -> Servable | None:
+        """The servable answering requests that name no version (the newest loaded)."""
+        return self._follower if self._follower is not None else self._newest
+
+    def _set_newest(self) -> None:
+        # Under self._lock; `current` reads `_newest` without it (one attribute read).
+        self._newest = self._loaded[max(self._loaded)] if self._loaded else None
+
+    def get(self, version: int) -> Servable | None:
+        """The servable of a loaded model version, or None."""
+        follower = self._follower
+        if follower is not None:
+            return follower if follower.current_version == version else None
+        return self._loaded.get(version)
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        """The model versions loaded now (AVAILABLE), newest first."""
+        if self._follower is not None:
+            return [self._follower.current_version]
+        with self._lock:
+            return sorted(self._loaded, reverse=True)
+
+    def servables(self) -> list[Servable]:
+        """Every distinct servable loaded now (newest first)."""
+        if self._follower is not None:
+            return [self._follower]
+        with self._lock:
+            out: list[Servable] = []
+            for v in sorted(self._loaded, reverse=True):
+                if all(s is not self._loaded[v] for s in out):
+                    out.append(self._loaded[v])
+            return out
+
+    def predictors(self) -> list[Predictor]:
+        """The Predictors of every loaded version and signature."""
+        return [p for s in self.servables() for p in s.predictors()]
+
+    # ------------------------------------------------------------ labels
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Version labels now in effect (label -> version)."""
+        with self._lock:
+            return dict(self._labels)
+
+    def set_labels(self, labels: dict[str, int]) -> None:
+        """Sets the version labels (TF Serving's `version_labels`).
+
+        A label naming a version that is not AVAILABLE waits until it is
+        (as TF Serving does at start-up); until then a label moved from an
+        available version keeps pointing there, and a new label is unknown.
+        """
+        with self._lock:
+            self._pending_labels = {}
+            kept = {}
+            for label, version in labels.items():
+                if version in self._loaded or (
+                        self._follower is not None
+                        and self._follower.current_version == version):
+                    kept[label] = version
+                else:
+                    self._pending_labels[label] = version
+                    if label in self._labels:
+                        kept[label] = self._labels[label]
+            self._labels = kept
+            pending = dict(self._pending_labels)
+        for label, version in pending.items():
+            log.warning("model %r: request to assign label %r to version %s, which is not "
+                        "currently available for inference; the label applies once it loads.",
+                        self.name, label, version)
+
+    def _apply_pending_labels(self) -> None:
+        # Under self._lock.
+        for label, version in list(self._pending_labels.items()):
+            if version in self._loaded:
+                self._labels[label] = version
+                del self._pending_labels[label]
+
+    def version_of_label(self, label: str) -> int | None:
+        """The version a label names (None: no such label)."""
+        with self._lock:
+            return self._labels.get(label)
+
+    # ------------------------------------------------------------ states
 
     def set_state(self, version: int, state: str, error_code: str = "OK",
                   error_message: str = "") -> None:
@@ -192,14 +352,13 @@ class ServedModel:
             return s.state if s else None
 
     def fail(self, version: int, error: BaseException) -> None:
-        """Records a failed load of `version` (the served version is untouched)."""
+        """Records a failed load of `version` (the served versions are untouched)."""
         message = f"{type(error).__name__}: {error}"
         with self._lock:
             self.load_failures += 1
             self._states[version] = _VersionState(END, "UNKNOWN", message)
         log.error("model %r version %s failed to load; still serving %s. %s",
-                  self.name, version, self.current.current_version if self.current else None,
-                  message)
+                  self.name, version, self.loaded_versions or None, message)
 
     def status(self, version: int | None = None) -> list[dict[str, Any]]:
         """TF Serving's `model_version_status` list (newest first).
@@ -207,8 +366,8 @@ class ServedModel:
         Args:
             version: only this version (empty list if unknown).
         """
-        cur = self.current
-        if cur is not None and cur.follows_weights:
+        cur = self._follower
+        if cur is not None:
             entries = [version_status(cur.current_version, AVAILABLE)]
         else:
             with self._lock:
@@ -218,23 +377,64 @@ class ServedModel:
             entries = [e for e in entries if e["version"] == str(version)]
         return entries
 
+    # -------------------------------------------------- loading, unloading
+
     def install(self, servable: Servable, replaced_version: int | None = None) -> None:
-        """Makes `servable` answer new requests; retires (closes) the one it replaces.
+        """Makes `servable` AVAILABLE as its version; retires the version it replaces.
 
         Args:
             servable: the new servable (or the current one, after a weight swap).
-            replaced_version: the model version that served until now.
+            replaced_version: a version to unload now (END); its Predictors
+                are closed unless `servable` still uses them.
         """
-        old = self.current
-        self.current = servable
-        if replaced_version is not None and replaced_version != servable.version:
-            self.set_state(replaced_version, END)
-        self.set_state(servable.version, AVAILABLE)
-        if old is not None and old.predictor is servable.predictor:
+        if servable.follows_weights:
+            old = self._follower
+            self._follower = servable
+            self._retire(old, servable)
             return
-        if old is not None and old.owned:
+        with self._lock:
+            self._loaded[servable.version] = servable
+            self._states[servable.version] = _VersionState(AVAILABLE)
+            old = None
+            if replaced_version is not None and replaced_version != servable.version:
+                old = self._loaded.pop(replaced_version, None)
+                self._states[replaced_version] = _VersionState(END)
+            self._set_newest()
+            self._apply_pending_labels()
+        self._retire(old, servable)
+
+    def unload(self, version: int) -> None:
+        """Unloads a version (END): new requests no longer reach it; queued ones are answered."""
+        with self._lock:
+            old = self._loaded.pop(version, None)
+            if old is None:
+                return
+            self._set_newest()
+            self._states[version] = _VersionState(END)
+        log.info("model %r: unloaded version %s", self.name, version)
+        self._retire(old, None)
+
+    def close(self) -> None:
+        """Unloads every version, closing the Predictors the server created."""
+        with self._lock:
+            olds = list(self._loaded.values())
+            self._loaded = {}
+            self._newest = None
+            follower, self._follower = self._follower, None
+        for s in {id(s): s for s in [*olds, follower] if s is not None}.values():
+            if s.owned:
+                s.close()
+
+    def _retire(self, old: Servable | None, new: Servable | None) -> None:
+        if old is not None and new is not None and old.predictor is new.predictor:
+            return
+        with self._lock:
+            in_use = old is not None and any(s is old for s in self._loaded.values())
+        if old is not None and old.owned and not in_use:
             old.close()  # answers everything already queued on it
-        if self.on_new_predictor is not None:
+            if self.on_retired is not None:
+                self.on_retired(old)
+        if new is not None and self.on_new_predictor is not None:
             self.on_new_predictor(None if old is None else old.predictor)
 
 
@@ -423,6 +623,7 @@ class VersionWatcher:
         self._warned: set[str] = set()  # version directories warned about as holding no model
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy = threading.Lock()  # one scan or load at a time (poll thread, config reload)
 
     def scan(self) -> dict[int, Path | None]:
         """Numbered version directories and their models (None: none yet).
@@ -445,29 +646,49 @@ class VersionWatcher:
         return found
 
     def load_initial(self) -> None:
-        """Loads the newest complete version now, falling back to older ones."""
+        """Loads the versions the policy serves now (complete ones; older on a failure).
+
+        Also what a policy change calls: versions the new policy picks are
+        loaded, those it dropped unloaded.
+        """
+        with self._busy:
+            self._load_complete()
+
+    def _load_complete(self) -> None:
         versions = self.scan()
         if not versions:
             log.warning("model %r: %s has no numbered version subdirectory (such as "
                         "%s/1/model.keras or %s/1/saved_model.pb); nothing is served until "
                         "one appears.", self.served.name, self.base_dir, self.base_dir,
                         self.base_dir)
-        for v in sorted(versions, reverse=True):
-            path = versions[v]
-            if path is None or not is_complete_model(path):
-                continue
-            if self._load(v, path, _signature(path)):
-                return
+        candidates = {v: (path, None) for v, path in versions.items() if path is not None}
+        self._apply_policy(candidates, report_incomplete=False)
 
     def poll_once(self) -> None:
-        """One scan: loads the newest complete version newer than the one served."""
-        cur = self.served.current
-        newest = cur.version if cur is not None else None
+        """One scan: loads what the policy now serves, then unloads what it no longer does.
+
+        A new version is loaded once it is complete and unchanged since the
+        previous scan. A version that failed to load is not tried again
+        until its files change; the versions already loaded keep serving.
+        """
+        with self._busy:
+            self._poll()
+
+    def _poll(self) -> None:
+        served = self.served
+        loaded = served.loaded_versions
+        policy = served.policy
+        # Versions that could enter the policy: for latest N with N loaded, only
+        # newer ones (an older version showing up late is never loaded).
+        floor = (loaded[policy.num_versions - 1]
+                 if policy.kind == "latest" and len(loaded) >= policy.num_versions else None)
         versions = self.scan()
         seen, self._seen = self._seen, {}
-        candidates = []
+        candidates: dict[int, tuple[Path, tuple[int, int] | None]] = {}
         for v, path in versions.items():
-            if path is None or (newest is not None and v <= newest):
+            if path is None or v in loaded or (floor is not None and v <= floor):
+                continue
+            if policy.kind == "specific" and v not in policy.versions:
                 continue
             sig = _signature(path)
             if sig is None:
@@ -475,44 +696,91 @@ class VersionWatcher:
             self._seen[v] = sig
             if seen.get(v) != sig or self._failed.get(v) == sig:
                 continue  # still changing, or this exact file already failed
-            candidates.append((v, path, sig))
-        for v, path, sig in sorted(candidates, reverse=True):
-            if not is_complete_model(path):
-                if time.time() - sig[1] / 1e9 < self.settle_s:
-                    continue  # probably still being written: look again later
-                self._failed[v] = sig
-                self.served.fail(v, ValueError(
-                    f"{path} is not a complete .keras archive (its size stopped changing, but "
-                    "it is not a valid zip with a config.json)."))
-                continue
-            if self._load(v, path, sig):
-                return
+            candidates[v] = (path, sig)
+        self._apply_policy(candidates, report_incomplete=True)
 
-    def _load(self, version: int, path: Path, sig: tuple[int, int] | None) -> bool:
+    def _apply_policy(self, candidates: dict[int, tuple[Path, tuple[int, int] | None]],
+                      report_incomplete: bool) -> None:
+        """Loads the versions the policy picks from the candidates and the loaded ones, then
+        unloads the rest.
+
+        A candidate's files are checked only once the policy picks it (a
+        `.keras` check reads the whole archive). For `latest`, a version that
+        is incomplete or fails to load leaves room for the next older one.
+        Versions are unloaded only after the new ones loaded, so a version
+        answers throughout.
+
+        Args:
+            candidates: version -> (its model path, its files' signature or None).
+            report_incomplete: report an invalid archive that stopped changing
+                for `settle_s` as a failed load (polls); else skip it quietly.
+        """
+        served = self.served
+        skipped: set[int] = set()
+        while True:
+            loaded = set(served.loaded_versions)
+            aspired = served.policy.select((loaded | set(candidates)) - skipped)
+            to_load = sorted(aspired - loaded, reverse=True)
+            if not to_load:
+                break
+            v = to_load[0]
+            path, sig = candidates[v]
+            if not is_complete_model(path):
+                skipped.add(v)
+                if report_incomplete and sig is not None and (
+                        time.time() - sig[1] / 1e9 >= self.settle_s):
+                    self._failed[v] = sig
+                    served.fail(v, ValueError(
+                        f"{path} is not a complete .keras archive (its size stopped changing, "
+                        "but it is not a valid zip with a config.json)."))
+                continue  # else probably still being written: look again later
+            if not self._load(v, path, sig if sig is not None else _signature(path),
+                              sorted(loaded - aspired)):
+                skipped.add(v)
+        for v in sorted(set(served.loaded_versions) - aspired):
+            served.unload(v)
+
+    def _load(self, version: int, path: Path, sig: tuple[int, int] | None,
+              retiring: list[int] | tuple[int, ...] = ()) -> bool:
+        """Loads one version and makes it AVAILABLE; False (reported) when it fails.
+
+        A `.keras` version with the architecture of a version leaving the
+        policy takes over that version's Predictor by swapping the weights.
+        """
         served = self.served
         previous = served.state_of(version)
         served.set_state(version, LOADING)
         log.info("model %r: loading version %s from %s", served.name, version, path)
         try:
-            cur = served.current
-            replaced = cur.version if cur is not None else None
             if path.is_dir():
-                served.install(servable_from_saved_model(path, version, self.predictor_options),
-                               replaced)
+                new = servable_from_saved_model(path, version, self.predictor_options)
+                self._warm_up(new, path)
+                served.install(new)
                 return self._loaded(version, previous)
             model = load_keras_model(path)
-            if cur is not None and cur.owned and cur.architecture == architecture_of(model):
-                cur.swap_weights(model, version)
-                served.install(cur, replaced)
-            else:
-                new = servable_from_model(model, version, self.predictor_options)
-                served.install(new, replaced)
-        except Exception as e:  # noqa: BLE001 - reported; the old version keeps serving
+            arch = architecture_of(model)
+            for old_version in retiring:
+                cur = served.get(old_version)
+                if cur is not None and cur.owned and cur.architecture == arch:
+                    cur.swap_weights(model, version)
+                    served.install(cur, old_version)
+                    return self._loaded(version, previous)
+            new = servable_from_model(model, version, self.predictor_options)
+            self._warm_up(new, path.parent)
+            served.install(new)
+        except Exception as e:  # noqa: BLE001 - reported; the loaded versions keep serving
             if sig is not None:
                 self._failed[version] = sig
             served.fail(version, e)
             return False
         return self._loaded(version, previous)
+
+    def _warm_up(self, servable: Servable, version_dir: Path) -> None:
+        try:
+            replay_warmup(servable, version_dir)
+        except BaseException:
+            servable.close()
+            raise
 
     def _loaded(self, version: int, previous: str | None) -> bool:
         if previous is None or previous != AVAILABLE:

@@ -1,7 +1,8 @@
 """`tandem serve MODEL`: the command-line front of `keras_tandem.serve`.
 
-Owns argument parsing, logging setup and waiting for Ctrl-C / SIGTERM; the
-server itself is `serve()`.
+Owns argument parsing (TF Serving's flags under our names: see README,
+"Moving from TF Serving"), logging setup and waiting for Ctrl-C / SIGTERM;
+the server itself is `serve()`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -21,11 +23,23 @@ from keras_tandem.server._serve import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `tandem serve`'s options to `parser`."""
-    parser.add_argument("model", help="a .keras file, a SavedModel directory, or a base "
-                                      "directory with numbered version subdirectories "
-                                      "(BASE/1/model.keras, BASE/2/saved_model.pb, ...)")
+    parser.add_argument("model", nargs="?",
+                        help="a .keras file, a SavedModel directory, or a base directory with "
+                             "numbered version subdirectories (BASE/1/model.keras, "
+                             "BASE/2/saved_model.pb, ...); leave out with --model-config-file")
+    parser.add_argument("--model-config-file", metavar="FILE",
+                        help="serve the models of a TF Serving model config file "
+                             "(model_config_list { config { name base_path "
+                             "model_version_policy version_labels } }) instead of MODEL")
+    parser.add_argument("--model-config-file-poll-wait-seconds", type=float, default=0,
+                        metavar="N",
+                        help="re-read the model config file every N seconds and apply "
+                             "changes without a restart (default 0: read it once)")
+    parser.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                        help="also serve TF Serving's gRPC API on PORT (TF Serving's --port; "
+                             "default: no gRPC; 0 picks a free port)")
     parser.add_argument("--name", help="model name in URLs (default: the file's stem or the "
-                                       "base directory's name)")
+                                       "base directory's name; not with --model-config-file)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; there is no authentication)")
     parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
@@ -71,23 +85,45 @@ def run(args: argparse.Namespace) -> int:
     from keras_tandem.server import serve
     from keras_tandem.server._limits import raise_fd_limit
 
+    if (args.model is None) == (args.model_config_file is None):
+        print("tandem serve: pass either MODEL or --model-config-file FILE"
+              + (", not both" if args.model is not None else ""), file=sys.stderr)
+        return 2
+    if args.name and args.model_config_file:
+        print("tandem serve: --name does not apply with --model-config-file (the file names "
+              "the models)", file=sys.stderr)
+        return 2
     raise_fd_limit()  # this process is the server's: room for connections beside the reserve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    name = args.name or default_name(args.model)
+    name = None if args.model is None else args.name or default_name(args.model)
     options = {"max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
                "queue_size": args.queue_size, "timeout_s": args.timeout_s}
-    handle = serve(args.model, name=name, host=args.host, port=args.port,
-                   max_body_bytes=int(args.max_body_mb * 2**20),
-                   poll_interval_s=args.poll_interval_s, predictor_options=options,
-                   max_inflight_bytes=args.max_inflight_bytes,
-                   max_connections=args.max_connections,
-                   header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
+    try:
+        handle = serve(
+            args.model, name=name, host=args.host, port=args.port,
+            model_config_file=args.model_config_file,
+            model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+            grpc_port=args.grpc_port, max_body_bytes=int(args.max_body_mb * 2**20),
+            poll_interval_s=args.poll_interval_s, predictor_options=options,
+            max_inflight_bytes=args.max_inflight_bytes, max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
+    except (ValueError, RuntimeError, OSError) as e:  # what to fix, not a traceback
+        logging.getLogger("keras_tandem.server").debug("serve() failed", exc_info=True)
+        print(f"tandem serve: {e}", file=sys.stderr)
+        return 1
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    version = handle.version
-    print(f"serving model {name!r} version {version if version is not None else '(none yet)'}"
-          f" at {handle.url}/v1/models/{name}  (Ctrl-C stops)", flush=True)
+    grpc = f", gRPC on port {handle.grpc_port}" if handle.grpc_port is not None else ""
+    if name is not None:
+        version = handle.version
+        print(f"serving model {name!r} version "
+              f"{version if version is not None else '(none yet)'} at "
+              f"{handle.url}/v1/models/{name}{grpc}  (Ctrl-C stops)", flush=True)
+    else:
+        print(f"serving models {', '.join(map(repr, handle.models)) or '(none yet)'} from "
+              f"{args.model_config_file} at {handle.url}/v1/models/NAME{grpc}  (Ctrl-C stops)",
+              flush=True)
     try:
         while not done.wait(0.5):
             pass
