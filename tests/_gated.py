@@ -4,7 +4,35 @@ import threading
 
 import keras
 import numpy as np
-import tensorflow as tf
+import pytest
+
+BACKEND = keras.backend.backend()
+# What `Predictor.stats()["call_path"]` says when the backend's fast pass serves.
+FAST_PATH = {"tensorflow": "call op", "jax": "jax jit", "torch": "torch inference_mode"}[BACKEND]
+tf_only = pytest.mark.skipif(BACKEND != "tensorflow",
+                             reason="TensorFlow-specific (tf ops, string tensors, XLA flag)")
+
+
+def host_call(fn, like, *args):
+    """Calls the NumPy function `fn(*args)` on the host inside a model's call, on any backend.
+
+    Its result has the shape and dtype of `like`; it runs in a traced pass
+    too (`tf.numpy_function`, `jax.pure_callback`; PyTorch runs eagerly).
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        out = tf.numpy_function(lambda *a: np.asarray(fn(*a), like.dtype.name),
+                                list(args), like.dtype, stateful=True)
+        out.set_shape(like.shape)
+        return out
+    if BACKEND == "jax":
+        import jax
+
+        return jax.pure_callback(lambda *a: np.asarray(fn(*a), like.dtype),
+                                 jax.ShapeDtypeStruct(like.shape, like.dtype), *args)
+    result = fn(*(a.detach().cpu().numpy() for a in args))
+    return keras.ops.convert_to_tensor(np.asarray(result), dtype=str(like.dtype).split(".")[-1])
 
 
 class GatedModel(keras.Model):
@@ -24,9 +52,7 @@ class GatedModel(keras.Model):
             self.gate.wait(20)
             return a
 
-        out = tf.numpy_function(run, [y, x], tf.float32, stateful=True)
-        out.set_shape(y.shape)
-        return out
+        return host_call(run, y, y, x)
 
 
 def open_gated_model():

@@ -1,6 +1,7 @@
 """`Predictor.apredict` and `submit(callback=...)`: the asyncio path and its loop bridge."""
 
 import asyncio
+import sys
 import threading
 
 import keras
@@ -11,6 +12,14 @@ from _gated import open_gated_model
 from _models import mlp
 from _poll import wait_until
 from keras_tandem import InvalidInputError, PredictionFailed, Predictor, PredictorClosed
+
+
+def assert_same_answers(got, expected):
+    """Equal answers; on JAX and PyTorch, up to rounding (a batch of 1 and one of 64 differ)."""
+    if keras.backend.backend() == "tensorflow":
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def reference(model, x):
@@ -75,7 +84,7 @@ def test_many_coroutines_on_one_loop_get_the_answers_of_predict(served):
 
     answers = asyncio.run(main())
     expected = np.stack([p.predict(x) for x in xs])
-    np.testing.assert_array_equal(np.stack(answers), expected)
+    assert_same_answers(np.stack(answers), expected)
     np.testing.assert_allclose(expected, reference(model, xs), rtol=1e-5, atol=1e-6)
 
 
@@ -120,7 +129,7 @@ def test_two_loops_in_two_threads_each_get_their_own_answers(gated):
         t.join(30)
     blocker.result(20)
     for xs, answers in results.values():
-        np.testing.assert_array_equal(np.stack(answers), np.stack([p.predict(x) for x in xs]))
+        assert_same_answers(np.stack(answers), np.stack([p.predict(x) for x in xs]))
     assert set(results) == {"a", "b"}
 
 
@@ -144,6 +153,48 @@ def test_a_cancelled_apredict_is_skipped_and_breaks_nothing(gated):
     assert all(isinstance(o, np.ndarray) and o.shape == (2,) for o in outcomes[1::2])
     assert p.stats()["requests"] - requests_before == 1 + 5  # the cancelled never ran
     assert asyncio.run(p.apredict(np.zeros(3, np.float32))).shape == (2,)
+
+
+def test_requests_of_one_loop_pass_reach_the_worker_as_one_batch():
+    model = mlp()
+    with Predictor(model, max_batch_size=128, timeout_s=30) as p:
+        wait_until(lambda: p.stats()["queue_depth"] == 0, 20, "the warm-up never finished")
+        before = p.stats()["batches"]
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            # No await between the submits: one pass of the loop queues all 64,
+            # and the worker is woken once, after the pass.
+            futures = [p.submit(np.full(8, i, np.float32), loop=loop) for i in range(64)]
+            return await asyncio.gather(*futures)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # a woken worker would take the GIL between two submits
+        try:
+            answers = asyncio.run(main())
+        finally:
+            sys.setswitchinterval(interval)
+        assert len(answers) == 64
+        assert p.stats()["batches"] - before == 1
+        np.testing.assert_allclose(np.stack(answers),
+                                   reference(model, np.arange(64)[:, None] * np.ones(8)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_deadlines_of_different_timeouts_on_one_loop_each_expire():
+    model, gate = open_gated_model()
+    with Predictor(model, timeout_s=0.2) as short, Predictor(model, timeout_s=60) as long:
+        gate.clear()
+
+        async def main():
+            slow = asyncio.ensure_future(long.apredict(np.zeros(3, np.float32)))
+            with pytest.raises(TimeoutError, match=r"timeout_s=0\.2"):
+                await short.apredict(np.zeros(3, np.float32))
+            assert not slow.done()  # the 60 s deadline is not due: still waiting
+            gate.set()
+            return await slow
+
+        assert asyncio.run(main()).shape == (2,)
 
 
 def test_apredict_times_out_and_the_predictor_recovers():

@@ -1,6 +1,7 @@
 """`tandem bench predict` end to end, tiny: the table, ratio lines and JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,13 +14,17 @@ def test_bench_predict_writes_ratios_and_machine(tmp_path):
          "--coroutines", "2,8", "--duration", "0.3", "--skip-naive", "--json", str(out),
          "--plot", str(plot)],
         capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("throughput_vs_handoff=", "throughput_vs_offline=", "latency_vs_direct=",
                  "async_vs_threads="):
         assert name in proc.stdout
+    assert "tandem bench predict backend=tensorflow" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["tensorflow"].startswith("2.")
+    assert doc["backend"] == doc["machine"]["backend"] == "tensorflow"
+    assert doc["call_path"]  # which forward pass the Predictor ran
     techniques = {r["technique"] for r in doc["rows"]}
     assert {"hand-off ceiling", "lock + predict_on_batch", "Predictor"} <= techniques
     predictor = [r for r in doc["rows"] if r["technique"] == "Predictor"]

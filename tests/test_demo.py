@@ -1,5 +1,10 @@
-"""`tandem demo --quick` runs end to end: exit 0, a summary, and the PNG plot."""
+"""`tandem demo --quick` runs end to end: exit 0, a summary, and the PNG plot.
 
+It runs on the backend of this process's `KERAS_BACKEND` (tests/test_backends.py
+runs this file again on each other installed backend).
+"""
+
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +18,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    assert f"(Keras backend {backend})" in proc.stdout, proc.stdout[:500]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert str(out) in proc.stdout.replace("\n", "")
     assert "summary" in proc.stdout and "client errors" in proc.stdout

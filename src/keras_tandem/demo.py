@@ -10,7 +10,8 @@ Separation of concerns:
   (one per tick) for the live view and the plot.
 
 Everything ships with the packages: scikit-learn's bundled 8x8 digits, nothing
-is downloaded. Heavy imports (TensorFlow, Keras, scikit-learn, matplotlib)
+is downloaded. It runs on any Keras backend (NumPy arrays in, no tf.data) and
+says which. Heavy imports (Keras and its backend, scikit-learn, matplotlib)
 happen inside `run`, so `tandem --help` stays fast.
 """
 
@@ -157,10 +158,27 @@ def _load_digits(seed: int) -> tuple[np.ndarray, ...]:
                                   random_state=seed, stratify=digits.target))
 
 
+def _set_seed(seed: int) -> None:
+    """Seeds as `keras.utils.set_random_seed`, which imports TensorFlow whenever installed."""
+    import random
+
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)  # Keras' global seed generator starts from Python's
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
 def _build_model(seed: int) -> Any:
     import keras
 
-    keras.utils.set_random_seed(seed)
+    _set_seed(seed)
     model = keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
@@ -251,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
     began = _now()
     x_train, x_test, y_train, y_test = _load_digits(args.seed)
     model = _build_model(args.seed)
-    console.print(f"[bold]keras-tandem demo[/]: training a CNN on {len(x_train)} 8x8 digits "
+    import keras
+
+    console.print(f"[bold]keras-tandem demo[/] (Keras backend {keras.backend.backend()}): "
+                  f"training a CNN on {len(x_train)} 8x8 digits "
                   f"for {epochs} epochs while {args.threads} threads predict "
                   f"{len(x_test)} held-out digits")
     with Predictor(model, max_batch_size=256) as predictor:

@@ -5,6 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 
+def set_seed(seed: int) -> None:
+    """Seeds Python, NumPy and the Keras backend, as `keras.utils.set_random_seed` does.
+
+    `keras.utils.set_random_seed` also seeds TensorFlow whenever it is
+    installed, which imports it: on JAX or PyTorch this seeds the rest only.
+    Call it before anything draws Keras' global seed (a fresh process).
+
+    Args:
+        seed: the seed.
+    """
+    import random
+
+    import keras
+    import numpy as np
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)  # Keras' global seed generator starts from Python's
+    np.random.seed(seed)
+    if backend == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
 def build_model(name: str, seed: int = 0) -> Any:
     """Returns the benchmark model `name`: `mlp`, `cnn`, or a `.keras` file path.
 
@@ -20,7 +47,7 @@ def build_model(name: str, seed: int = 0) -> Any:
 
     if name.endswith(".keras"):
         return keras.saving.load_model(name, safe_mode=True)
-    keras.utils.set_random_seed(seed)
+    set_seed(seed)
     layers = keras.layers
     if name == "mlp":
         return keras.Sequential([

@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table and ratio lines."""
+    if _report.requires_tensorflow("pipeline", "make_pipeline and probe_input build tf.data "
+                                               "pipelines"):
+        return 2
     from keras_tandem.data.pipeline import make_pipeline
     from keras_tandem.data.probe import probe_input
 

@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     batch_inputs = [rng.random((1, *shape), dtype=np.float32) for _ in range(16)]
     inputs = [x[0] for x in batch_inputs]
     console = _report.console
-    console.print(f"[bold]tandem bench predict[/] model={args.model} input={shape} "
-                  f"threads={thread_counts} {duration:g} s each")
+    backend = _report.backend()
+    console.print(f"[bold]tandem bench predict[/] backend={backend} model={args.model} "
+                  f"input={shape} threads={thread_counts} {duration:g} s each")
     rows: list[dict[str, Any]] = []
 
     def measure(technique: str, threads: int, call, data, mean_batch=1.0, before=None,
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_delay_ms is not None:
         kwargs["max_delay_ms"] = args.max_delay_ms
     with Predictor(model, **kwargs) as predictor:
+        call_path = predictor.stats().get("call_path")
+        console.print(f"  Predictor call path: {call_path}")
         for threads in thread_counts:
             measure("hand-off ceiling", threads, handoff.call, inputs)
             measure("lock + predict_on_batch", threads, locked, batch_inputs)
@@ -127,15 +130,16 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(_naive_rows(args.model, duration, thread_counts))
 
     ratios = _ratios(rows, thread_counts, coroutine_counts)
-    _report.print_table(f"predict from threads ({args.model})", rows, COLUMNS)
+    _report.print_table(f"predict from threads ({args.model}, Keras backend {backend})", rows,
+                        COLUMNS)
     _report.print_ratios(ratios)
     config = {"model": args.model, "threads": thread_counts, "coroutines": coroutine_counts,
               "duration_s": duration,
               **kwargs, "quick": bool(args.quick)}
     if args.json:
-        _report.write_json(args.json, "predict", config, rows, ratios)
+        _report.write_json(args.json, "predict", config, rows, ratios, call_path=call_path)
     if args.plot:
-        plot(rows, args.plot, f"predict from threads ({args.model})")
+        plot(rows, args.plot, f"predict from threads ({args.model}, Keras backend {backend})")
         console.print(f"wrote {args.plot}")
     return 0
 
@@ -215,8 +219,11 @@ def _naive_rows(model_name: str, duration: float, thread_counts: list[int]) -> l
             row = json.loads(line)
             row["mean_batch"] = 1.0
             rows.append(row)
+            failed = (f"  {row['errors']:,} failed, e.g. {row['first_error'][:120]}"
+                      if row.get("first_error") else "")
             _report.console.print(f"  {row['technique']:<28} {row['threads']:>3} threads: "
-                                  f"{row['rps']:>10,.1f} req/s  p99 {row['p99_ms']:8.1f} ms")
+                                  f"{row['rps']:>10,.1f} req/s  p99 {row['p99_ms']:8.1f} ms"
+                                  f"{failed}", markup=False)
     if code != 0:
         tail = err.strip().splitlines()[-1:] if err else []
         _report.console.print(f"  [red]naive child process ended with {code}[/] {tail}")

@@ -146,6 +146,8 @@ def _input(batches: int, blur: int, folder: Path) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the tables and ratio lines."""
+    if _report.requires_tensorflow("scale", "multi-worker training and the tf.data service"):
+        return 2
     epochs = args.epochs or (3 if args.quick else 4)
     rows_n = args.rows or (4096 if args.quick else 16384)
     batches = args.input_batches or (32 if args.quick else 96)

@@ -344,6 +344,8 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
     reps_rows: list[dict] = []
     with Predictor(trainer.model, max_delay_ms=args.max_delay_ms) as predictor:
         predictor.predict(inputs[0])
+        call_path = predictor.stats().get("call_path")
+        _report.console.print(f"  Predictor call path: {call_path}")
 
         def call(x):
             return predictor.predict(x, return_version=True)[1]
@@ -359,6 +361,7 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
                 else:
                     row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher(),
                                 predictor)
+                    row["call_path"] = call_path
                 row.update(case=case, rep=rep)
                 reps_rows.append(row)
                 _progress(row)
@@ -530,8 +533,10 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.threads < 1 or reps < 1 or seconds <= 0:
         _report.console.print("--rate, --threads, --reps and --seconds must be positive")
         return 2
+    backend = _report.backend()
     _report.console.print(
-        f"[bold]tandem bench train-serve[/] model={args.model} {args.threads} client threads, "
+        f"[bold]tandem bench train-serve[/] backend={backend} model={args.model} "
+        f"{args.threads} client threads, "
         f"open loop {args.rate:,.0f} req/s, ~{seconds:g} s of training per case, {reps} reps")
     raw = _predictor_cases(args, reps, seconds)
     if not args.skip_naive:
@@ -544,8 +549,8 @@ def run(args: argparse.Namespace) -> int:
     rows = _combine(raw)
     ratios = _ratios(rows)
     _report.print_table(
-        f"train while serving ({args.model}, {args.threads} client threads, open loop "
-        f"{args.rate:,.0f} req/s)",
+        f"train while serving ({args.model}, Keras backend {backend}, {args.threads} client "
+        f"threads, open loop {args.rate:,.0f} req/s)",
         [{col: r.get(key) for col, key in COLUMNS.items()} for r in rows], list(COLUMNS))
     _report.print_ratios(ratios)
     if args.json:

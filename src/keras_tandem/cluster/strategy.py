@@ -27,6 +27,32 @@ _TIMEOUT_ENV = "KERAS_TANDEM_COLLECTIVE_TIMEOUT_S"
 _TIMEOUTS: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
+def require_tensorflow_backend(feature: str) -> None:
+    """Raises a clear error unless Keras runs on TensorFlow (and TensorFlow is installed).
+
+    Args:
+        feature: what the caller asked for, named in the message.
+
+    Raises:
+        RuntimeError: Keras' backend is JAX, PyTorch or another.
+        ImportError: TensorFlow is not installed.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"keras_tandem.{feature} builds a tf.distribute strategy, which needs Keras' "
+            f"TensorFlow backend; this process runs Keras on '{backend}'. Set "
+            "KERAS_BACKEND=tensorflow before importing Keras, or on JAX spread training "
+            "with keras.distribution (e.g. keras.distribution.DataParallel).")
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"keras_tandem.{feature} needs TensorFlow: pip install "
+                          "keras-tandem (TensorFlow is its default backend).") from e
+
+
 def choose_strategy(devices: str | Sequence[str] | None = None, *,
                     collective_timeout_s: float | None = None) -> Any:
     """Returns the `tf.distribute.Strategy` to build and train a model under.
@@ -66,7 +92,10 @@ def choose_strategy(devices: str | Sequence[str] | None = None, *,
             cluster, or `devices` names no device.
         RuntimeError: TF_CONFIG names a cluster but TensorFlow's runtime
             already started: call `choose_strategy()` first in the program.
+        RuntimeError: Keras runs on another backend than TensorFlow
+            (`tf.distribute` strategies drive TensorFlow only).
     """
+    require_tensorflow_backend("choose_strategy")
     import tensorflow as tf
 
     tf_config = os.environ.get("TF_CONFIG")

@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ImportError as e:  # JAX or PyTorch alone: say what is missing, not just its name
+    raise ImportError(
+        "keras_tandem.make_pipeline builds tf.data pipelines and needs TensorFlow, which is not "
+        "installed: pip install keras-tandem (TensorFlow is its default backend). "
+        "On JAX or PyTorch without TensorFlow, give fit NumPy arrays or a "
+        "keras.utils.PyDataset.") from e
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Shuffle buffer for `shuffle=True` when the number of elements is unknown.

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ImportError as e:  # JAX or PyTorch alone: say what is missing, not just its name
+    raise ImportError(
+        "keras_tandem.probe_input measures tf.data pipelines and needs TensorFlow, which is not "
+        "installed: pip install keras-tandem (TensorFlow is its default backend). "
+        "On JAX or PyTorch without TensorFlow, there is no tf.data pipeline to probe.") from e
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ class Request:
     thread with `(result, error)`), or `loop_future` (an asyncio future,
     resolved on its loop by `bridge`, a `_loop_bridge.LoopBridge`, to which
     the worker posts the batch's loop requests once the batch is answered:
-    `finish` and `fail` only store the answer for those; `timer` is the
-    loop's deadline for it). `more_follow`
+    `finish` and `fail` only store the answer for those; the bridge also
+    keeps its deadline). `more_follow`
     marks a chunk of a split request that has further chunks queued right
     behind it: no weight swap may come between them, so every chunk of one
     request sees one version.
@@ -62,7 +62,6 @@ class Request:
         "result",
         "rows",
         "single",
-        "timer",
         "version",
         "waiter",
         "with_version",
@@ -81,7 +80,6 @@ class Request:
         self.callback = callback
         self.loop_future = loop_future
         self.bridge = bridge
-        self.timer = None  # the loop's deadline timer of a loop request
         self.enqueued = 0.0
         self.result = None
         self.error = None
@@ -176,8 +174,15 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, request: Request) -> None:
-        """Queues one request, or raises `Overloaded` / `PredictorClosed` at once."""
+    def put(self, request: Request, notify: bool = True) -> None:
+        """Queues one request, or raises `Overloaded` / `PredictorClosed` at once.
+
+        Args:
+            request: the request.
+            notify: wake the waiting worker if the request completes what it
+                waits for. False leaves that to a later `notify()` (the loop
+                bridge calls it once per pass of an event loop).
+        """
         read_clock = self._now  # called as a local: `self._now()` is a slower lookup
         request.enqueued = now = read_clock()
         caller = _get_ident()
@@ -199,6 +204,12 @@ class BatchQueue:
             self._callers[caller] = now
             if len(self._callers) > _CALLERS_MAX:  # threads come and go: forget the idle
                 self._forget_idle_callers(now)
+            if notify and self._worker_waiting and self._rows >= self._want_rows:
+                self._ready.notify()
+
+    def notify(self) -> None:
+        """Wakes the waiting worker if what is queued completes what it waits for."""
+        with self._lock:
             if self._worker_waiting and self._rows >= self._want_rows:
                 self._ready.notify()
 

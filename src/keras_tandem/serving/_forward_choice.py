@@ -3,8 +3,9 @@
 `make_forward` runs once per Predictor, on its worker thread. It builds a
 model that was never called (calling it once on a row of the signature),
 takes the model's own eager answers on a few patterned rows, traces the
-backend's fast pass (`_forward_tf.TensorFlowForward` on TensorFlow) and
-trusts it only when it runs and gives those answers. Otherwise it falls back
+backend's fast pass (`_forward_tf.TensorFlowForward` on TensorFlow,
+`_forward_jax.JaxForward` on JAX, `_forward_torch.TorchForward` on PyTorch)
+and trusts it only when it runs and gives those answers. Otherwise it falls back
 to `_forward_keras.KerasCopyForward`, logs a warning per Predictor and warns
 once per process for each reason. The passes themselves live in their own
 modules; this one only chooses.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,23 @@ def _disagreement(forward: ForwardPass, rows: list[np.ndarray],
     return _mismatch(forward.run(bucket), expected)
 
 
+def _fast_pass(backend: str) -> Callable[..., ForwardPass] | None:
+    """The constructor of the backend's fast pass, imported only now; None if it has none."""
+    if backend == "tensorflow":
+        from keras_tandem.serving._forward_tf import TensorFlowForward
+
+        return TensorFlowForward
+    if backend == "jax":
+        from keras_tandem.serving._forward_jax import JaxForward
+
+        return lambda model, signature, max_rows, _jit: JaxForward(model, signature, max_rows)
+    if backend == "torch":
+        from keras_tandem.serving._forward_torch import TorchForward
+
+        return lambda model, signature, max_rows, _jit: TorchForward(model, signature, max_rows)
+    return None
+
+
 def make_forward(model: Any, signature: InputSignature, max_rows: int,
                  jit_compile: bool = False) -> ForwardPass:
     """The forward pass for this model and Keras backend, built, traced and warmed up.
@@ -138,7 +157,8 @@ def make_forward(model: Any, signature: InputSignature, max_rows: int,
         model: a Keras model.
         signature: its `InputSignature`.
         max_rows: the largest batch (rows) the worker will run.
-        jit_compile: compile with XLA (one trace per bucket; fast pass only).
+        jit_compile: compile with XLA (one trace per bucket; TensorFlow's fast
+            pass only: JAX's always compiles, once per bucket).
 
     Returns:
         The `ForwardPass`; its `call_path` says which way it runs.
@@ -154,17 +174,16 @@ def make_forward(model: Any, signature: InputSignature, max_rows: int,
         ensure_built(model, signature)
         expected, no_reference = _eager_answers(model, signature, rows)
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        from keras_tandem.serving._forward_tf import TensorFlowForward
-
+    make_fast = _fast_pass(backend)
+    if make_fast is not None:
         try:
-            fast = TensorFlowForward(model, signature, max_rows, jit_compile)
+            fast = make_fast(model, signature, max_rows, jit_compile)
             reason = _disagreement(fast, rows, expected)
         except Exception as e:  # noqa: BLE001 - the fallback is tried, the reason reported
             reason = _describe(e)
         if reason is None:
             return fast
-        reason = f"the traced pass failed on this model ({reason})"
+        reason = f"the {backend} pass failed on this model ({reason})"
     else:
         reason = f"there is no fast forward pass for Keras' '{backend}' backend yet"
     from keras_tandem.serving._forward_keras import KerasCopyForward

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Upper bounds (seconds) of the queue-wait histogram in `stats()`: from a
+# request joining the queue to its batch starting.
+QUEUE_WAIT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 class ServingStats:
     """Request, batch and latency counters.
@@ -24,11 +29,19 @@ class ServingStats:
         self.invalid = 0
         self.timeouts = 0
         self._latencies = np.zeros(window)
+        self.queue_wait_s = 0.0
+        self._wait_bounds = np.asarray(QUEUE_WAIT_BOUNDS)
+        self.queue_wait_counts = np.zeros(len(QUEUE_WAIT_BOUNDS) + 1, np.int64)  # last: +Inf
         self._filled = 0
         self._next = 0
 
-    def record_batch(self, requests: int, rows: int, latencies: np.ndarray) -> None:
-        """Adds one finished batch and its requests' latencies (seconds)."""
+    def record_batch(self, requests: int, rows: int, latencies: np.ndarray,
+                     waits: np.ndarray | None = None) -> None:
+        """Adds one finished batch, its requests' latencies and queue waits (seconds)."""
+        if waits is not None:
+            self.queue_wait_s += float(waits.sum())
+            np.add.at(self.queue_wait_counts,
+                      np.searchsorted(self._wait_bounds, waits, side="left"), 1)
         self.requests += requests
         self.rows += rows
         self.batches += 1
@@ -46,7 +59,12 @@ class ServingStats:
         self._filled = min(window, self._filled + n)
 
     def snapshot(self) -> dict[str, float]:
-        """Returns counts, mean batch size and p50/p99 latency in milliseconds."""
+        """Returns counts, mean batch size, p50/p99 latency in milliseconds, queue waits.
+
+        `queue_wait_counts` counts requests by queue wait, one entry per bound
+        of `QUEUE_WAIT_BOUNDS` (wait <= bound, above the previous bound) and a
+        last one beyond; `queue_wait_seconds` is their total wait.
+        """
         recent = self._latencies[: self._filled]
         p50, p99 = (np.percentile(recent, [50, 99]) * 1e3) if len(recent) else (0.0, 0.0)
         return {
@@ -58,4 +76,6 @@ class ServingStats:
             "errors": self.errors,
             "invalid_inputs": self.invalid,
             "timeouts": self.timeouts,
+            "queue_wait_seconds": self.queue_wait_s,
+            "queue_wait_counts": self.queue_wait_counts.tolist(),
         }

@@ -6,9 +6,10 @@ Separation of concerns:
   the worker thread and its lifecycle (`close`, context manager).
 - `_batching.BatchQueue` holds queued requests and hands the worker batches.
 - `_forward.ForwardPass` is the forward pass as the worker uses it, whatever
-  the backend (`_forward_choice.make_forward` picks it; `_forward_tf` is
-  TensorFlow's): the traced model, the serving copy of the weights (one
-  version per batch), the batch buffers and buckets.
+  the backend (`_forward_choice.make_forward` picks it; `_forward_tf`,
+  `_forward_jax` and `_forward_torch` are the backends' fast passes): the
+  traced model, the serving copy of the weights (one version per batch), the
+  batch buffers and buckets.
 - `_signature.InputSignature` knows the model's inputs and validates requests;
   `_signature.ArraySpec` describes one input or output (`inputs`, `outputs`).
 - `_stats.ServingStats` counts what `stats()` reports.
@@ -75,6 +76,8 @@ class Predictor:
             `update_weights` for its swap) before `TimeoutError`.
         jit_compile: compile the forward pass with XLA (off by default: XLA
             drops runtime assertions, and its fixed shapes cost padding).
+            TensorFlow only: on JAX the pass is always `jax.jit`-compiled,
+            once per bucket; on PyTorch it is recorded per bucket.
         input_signature: `keras.Input` tensor(s) or `tf.TensorSpec`(s) with
             the batch dimension; needed only for a subclassed model that
             was never called, which the Predictor then builds by calling it
@@ -249,11 +252,12 @@ class Predictor:
             return self._submit_chunks(arrays, rows, deadline, return_version, callback, loop)
         if loop is not None:
             answer = loop.create_future()
-            request = Request(_as_bytes(arrays), rows, single, None, None, deadline,
-                              with_version=return_version, loop_future=answer,
-                              bridge=bridge_for(loop))
-            self._queue.put(request)
-            request.timer = loop.call_later(self.timeout_s, self._expire, answer)
+            bridge = bridge_for(loop)
+            self._queue.put(Request(_as_bytes(arrays), rows, single, None, None, deadline,
+                                    with_version=return_version, loop_future=answer,
+                                    bridge=bridge), notify=False)
+            bridge.notify_later(self._queue)  # one wake-up of the worker per loop pass
+            bridge.watch(answer, self.timeout_s, self._expire)
             return answer
         if callback is not None:
             self._queue.put(Request(_as_bytes(arrays), rows, single, None, None, deadline,
@@ -398,7 +402,10 @@ class Predictor:
             "function" when a faster way was refused; "keras copy" when the
             traced pass cannot run the model and the Predictor's own copy of
             it runs Keras' predict step) and `executor` ("inline" or
-            "default").
+            "default"), `queue_wait_seconds` (total time requests waited
+            in the queue before their batch started) and `queue_wait_counts`
+            (requests by queue wait: one count per bound of
+            `serving.specs.QUEUE_WAIT_BOUNDS`, then one beyond the last).
         """
         s = self._stats.snapshot()
         s["queue_depth"] = len(self._queue)
@@ -566,11 +573,11 @@ class Predictor:
                     live.append(r)
                 continue
             if r.bridge is not None:
-                if on_loops is None:
-                    on_loops = []
-                on_loops.append(r)  # even if skipped: the drain cancels its timer
                 if r.loop_future.done():  # cancelled, or timed out on its loop
                     continue
+                if on_loops is None:
+                    on_loops = []
+                on_loops.append(r)
                 if r.deadline < now:
                     r.fail(self._timeout_error())
                 else:
@@ -585,6 +592,7 @@ class Predictor:
             post_answers(on_loops)
 
     def _answer(self, live: list[Request]) -> None:
+        start = _now()
         forward = self._forward
         rows = 0
         for r in live:
@@ -607,8 +615,8 @@ class Predictor:
         # Counted before any caller is answered, so that stats() (and the
         # server's metrics) already include every answer a caller has seen.
         done = _now()
-        self._stats.record_batch(len(live), rows,
-                                 done - np.fromiter((r.enqueued for r in live), float, len(live)))
+        enqueued = np.fromiter((r.enqueued for r in live), float, len(live))
+        self._stats.record_batch(len(live), rows, done - enqueued, start - enqueued)
         pos = 0
         if forward.single_output:
             out = outputs[0]

@@ -9,5 +9,7 @@ May import `serving` (a Predictor is what weights are published to, through
 its public API only) and `cluster` (the place of this process in a cluster,
 the collective timeout `choose_strategy` was given).
 Must not import: `server`, `bench`, `data` (tf.data pipelines are passed in
-as datasets). Imports Keras and TensorFlow at module level: load it lazily.
+as datasets). Imports Keras at module level (load it lazily); TensorFlow only
+on Keras' TensorFlow backend (`_inputs`, `_multiworker` and the traced weight
+read), so JAX and PyTorch users never load it.
 """

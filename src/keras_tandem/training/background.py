@@ -11,6 +11,9 @@ Separation of concerns:
   `MultiWorkerMirroredStrategy`, `_multiworker.fit` owns the loop and the
   checkpoints instead (Keras 3's `fit` fails there).
 - `_inputs.py` turns arrays and generators into datasets, for both loops.
+  On Keras' JAX and PyTorch backends TensorFlow is not imported: arrays and
+  generators go to `fit` as they are (Keras' own data adapters), and there
+  is no multi-worker loop (it is `tf.distribute`'s).
 
 The tf.data teardown trap: destroying a used tf.data iterator while autotune
 is on can stall until autotune's next wake-up (up to seconds). Keras drops an
@@ -38,10 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from keras_tandem.cluster.tf_config import cluster_position
-from keras_tandem.training import _inputs, _multiworker
 from keras_tandem.training.publish import PublishWeights
 
 _now = time.perf_counter
@@ -257,6 +258,12 @@ class TrainingRun:
 
 def _prepare_inputs(data: Any, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
     """fit's data arguments for `data`: our own pipelines for arrays and generators."""
+    if keras.backend.backend() != "tensorflow":
+        return _prepare_inputs_plain(data, fit_kwargs)
+    import tensorflow as tf
+
+    from keras_tandem.training import _inputs
+
     kwargs = dict(fit_kwargs)
     if isinstance(data, (tf.data.Dataset, keras.utils.PyDataset)):
         kwargs.setdefault("shuffle", False)  # keras warns that it ignores shuffle=True
@@ -280,6 +287,33 @@ def _prepare_inputs(data: Any, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
     raise TypeError(
         "data must be a tf.data.Dataset, a keras.utils.PyDataset, a generator of (x, y) "
         f"batches, or a tuple (x, y) or (x, y, sample_weight) of arrays; got {type(data)}.")
+
+
+def _is_tf_dataset(data: Any) -> bool:
+    return any(c.__module__.startswith("tensorflow") and c.__name__.endswith("Dataset")
+               for c in type(data).__mro__)
+
+
+def _prepare_inputs_plain(data: Any, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """fit's data arguments on a backend other than TensorFlow: Keras' own adapters."""
+    kwargs = dict(fit_kwargs)
+    if isinstance(data, keras.utils.PyDataset) or _is_tf_dataset(data):
+        kwargs.setdefault("shuffle", False)  # keras warns that it ignores shuffle=True
+        return {"x": data, **kwargs}
+    if isinstance(data, tuple) and len(data) in (2, 3) and not any(
+            isinstance(d, Iterator) for d in data):
+        x, y, *rest = data
+        kwargs.setdefault("batch_size", 32)
+        if rest and rest[0] is not None:
+            kwargs.setdefault("sample_weight", rest[0])
+        return {"x": x, "y": y, **kwargs}
+    if inspect.isgenerator(data) or isinstance(data, Iterator):
+        kwargs.pop("shuffle", None)  # a generator is read in its own order
+        return {"x": data, "shuffle": False, **kwargs}
+    raise TypeError(
+        "data must be a keras.utils.PyDataset, a generator of (x, y) batches, or a tuple "
+        "(x, y) or (x, y, sample_weight) of arrays (or a tf.data.Dataset, with TensorFlow "
+        f"installed); got {type(data)}.")
 
 
 def _publishers(publish_to: Any, callbacks: Sequence) -> tuple[list, list[PublishWeights]]:
@@ -366,7 +400,11 @@ def train_in_background(
                            "background; stop() and join() that run first.")
     callbacks = list(callbacks)
     own, publishers = _publishers(publish_to, callbacks)
-    strategy = _multiworker.multi_worker_strategy(model)
+    strategy = None
+    if keras.backend.backend() == "tensorflow":
+        from keras_tandem.training import _multiworker
+
+        strategy = _multiworker.multi_worker_strategy(model)
     if strategy is not None:
         # Keras 3's fit fails under this strategy (keras-team/keras#20585): our own loop.
         fit_args = {"data": data, "epochs": epochs, "checkpoint_dir": checkpoint_dir,

@@ -53,19 +53,35 @@ def all_finite(arrays: Sequence[np.ndarray]) -> bool:
 
 
 class _WeightReader:
-    """Reads a model's weights, like `get_weights()`, in one traced TensorFlow call.
+    """Reads a model's weights, like `get_weights()`, as the training loop has them now.
 
-    `get_weights()` makes one eager read per variable; on the training thread,
-    with other threads contending for the GIL, each costs a round trip, and a
-    model with hundreds of variables stalls training for all of them. The values
-    are the same snapshot: TensorFlow copies a variable's buffer before
-    updating it while a read still holds it. Falls back to `get_weights()` for
-    anything the traced call cannot read (e.g. distributed variables).
+    Called on the training thread between two batches, so the snapshot is
+    consistent; each backend needs its own way:
+    - TensorFlow: one traced call that reads every variable. `get_weights()`
+      makes one eager read per variable; on the training thread, with other
+      threads contending for the GIL, each costs a round trip, and a model with
+      hundreds of variables stalls training for all of them. The values are the
+      same snapshot: TensorFlow copies a variable's buffer before updating it
+      while a read still holds it. Falls back to `get_weights()` for anything
+      the traced call cannot read (e.g. distributed variables).
+    - JAX: Keras' JAX trainer keeps the live state outside the variables while
+      `fit` runs (it purges their values and writes them back only at a state
+      sync, e.g. at epoch end). The reader copies the trainer's live
+      trainable and non-trainable state (`model._jax_state`, set before
+      every `on_train_batch_end` so that callbacks can read it) to NumPy now:
+      the next step donates those buffers. Outside a running step (the state
+      synced), `get_weights()` is right.
+    - PyTorch: the optimizer updates parameters in place, so the reader takes
+      copies (`torch.no_grad()`, never views) before the next step can change
+      them: the hand-off thread never sees a half-applied step.
     """
 
     def __init__(self, model: Any):
         self._model = model
         self._fn = None
+        self._backend = keras.backend.backend()
+        if self._backend != "tensorflow":
+            return
         try:
             import tensorflow as tf
 
@@ -83,7 +99,51 @@ class _WeightReader:
                 return [t.numpy() for t in self._fn()]
             except Exception:  # noqa: BLE001 - fall back for good
                 self._fn = None
+        if self._backend == "jax":
+            live = self._jax_live_state()
+            if live is not None:
+                return live
+        if self._backend == "torch":
+            return self._torch_copies()
         return self._model.get_weights()
+
+    def _jax_live_state(self) -> list[np.ndarray] | None:
+        """The JAX trainer's live weights in `model.weights` order, or None when synced."""
+        model = self._model
+        state = getattr(model, "_jax_state", None)
+        if not state or getattr(model, "_jax_state_synced", True):
+            return None
+        trainable = state.get("trainable_variables")
+        non_trainable = state.get("non_trainable_variables")
+        if trainable is None or len(trainable) != len(model.trainable_variables) or (
+                non_trainable is None and model.non_trainable_variables) or (
+                non_trainable is not None
+                and len(non_trainable) != len(model.non_trainable_variables)):
+            # Not the trainer this reader knows: let Keras write the state back.
+            model.jax_state_sync()
+            return None
+        position = {id(v): (trainable, i) for i, v in enumerate(model.trainable_variables)}
+        position.update({id(v): (non_trainable, i)
+                         for i, v in enumerate(model.non_trainable_variables)})
+        out = []
+        for w in model.weights:
+            values, i = position[id(w)]
+            out.append(np.array(values[i]))  # a host copy: the next step donates the buffer
+        return out
+
+    def _torch_copies(self) -> list[np.ndarray]:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for w in self._model.weights:
+                t = w.value.detach()
+                if t.dtype == torch.bfloat16:
+                    out.append(np.asarray(w.numpy()).copy())
+                    continue
+                # .cpu() copies a GPU tensor; a CPU one is cloned (numpy() alone is a view).
+                out.append(t.cpu().numpy() if t.device.type != "cpu" else t.clone().numpy())
+        return out
 
 
 class PublishWeights(keras.callbacks.Callback):
@@ -215,7 +275,7 @@ class PublishWeights(keras.callbacks.Callback):
     # ------------------------------------------------------------ callbacks
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._reader = _WeightReader(self.model)
+        self._reader = _WeightReader(self.model)  # the state is synced at train begin
         self._since_publish = 0
         self._last_publish = _now()
 
@@ -246,8 +306,12 @@ class PublishWeights(keras.callbacks.Callback):
         self._raise_error()
         start = _now()
         try:
-            if self._reader is None or self._reader._model is not self.model:
-                self._reader = _WeightReader(self.model)
+            # Not `self.model`: on JAX that property writes the trainer's whole
+            # state (optimizer and metrics too) back into the variables first;
+            # the reader takes only the weights, straight from the live state.
+            model = getattr(self, "_model", None) or self.model
+            if self._reader is None or self._reader._model is not model:
+                self._reader = _WeightReader(model)
             arrays = self._reader.read()
             if self.wait:
                 self._hand_over(arrays, start)

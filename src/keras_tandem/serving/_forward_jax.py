@@ -1,0 +1,140 @@
+"""The forward pass on Keras' JAX backend.
+
+`JaxForward` owns everything the Predictor's worker thread does with JAX:
+one `jax.jit` of `model.stateless_call`, compiled once per batch-size bucket
+at warm-up, and the serving weight version as two lists of device arrays
+(trainable, non-trainable) handed to it as an argument. JAX arrays are
+immutable and nothing is donated, so a weight version is a value: swapping
+it replaces the lists by reference, and a batch computed with one version
+cannot see another. Keras' own JAX trainer purges and donates the model's
+variables while `fit` runs (`_purge_model_variables`); this pass never reads
+them after construction, so a running `fit` cannot break it.
+
+New weights are copied to the device in the caller's thread (`check_weights`,
+`jax.device_put`); the worker only swaps the lists between two batches.
+Created and used on the worker thread, except `check_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from keras_tandem.serving._forward import (
+    ForwardPass,
+    accepts_training,
+    name_outputs,
+    output_names,
+    pattern,
+    variable_value,
+)
+from keras_tandem.serving._signature import InputSignature, to_numpy_dtype
+
+
+class JaxForward(ForwardPass):
+    """A model's forward pass under `jax.jit`, over a weight version it owns.
+
+    Args:
+        model: a built Keras model (JAX backend).
+        signature: its `InputSignature`.
+        max_rows: the largest batch (rows) the worker will run.
+
+    Raises:
+        ValueError: the model takes string inputs (JAX has no string arrays).
+    """
+
+    call_path = "jax jit"
+
+    def __init__(self, model: Any, signature: InputSignature, max_rows: int):
+        import jax
+        import keras
+
+        super().__init__(model, signature, max_rows)
+        if any(f.is_string for f in signature.fields):
+            raise ValueError("JAX has no string arrays for the model's string inputs")
+        self._jax = jax
+        self._trainable = [jax.device_put(variable_value(v)) for v in model.trainable_variables]
+        self._non_trainable = [jax.device_put(variable_value(v))
+                               for v in model.non_trainable_variables]
+        # stateless_call hands `training` straight to call(), which need not take it.
+        call_kwargs = {"training": False} if accepts_training(model) else {}
+
+        def forward(trainable, non_trainable, inputs):
+            self.traces += 1  # runs at trace time only: once per bucket
+            outputs, _ = model.stateless_call(trainable, non_trainable, inputs, **call_kwargs)
+            return outputs
+
+        self._fn = jax.jit(forward)  # no donate_argnums: a weight version is shared
+        self._tree = keras.tree
+        self._warm_up(model)
+
+    def _warm_up(self, model: Any) -> None:
+        # One compile per bucket now, not at a caller's first batch of that
+        # size; patterned rows (not zeros) make a mix-up of rows show.
+        for b in self.buffers:
+            b[:] = pattern(b.shape, b.dtype)
+        try:
+            outputs = None
+            for bucket in self.buckets:
+                outputs = self._call(bucket)
+                self._jax.block_until_ready(outputs)
+        finally:
+            for b in self.buffers:
+                b.fill(0)
+        tree = self._tree
+        self._output_structure = tree.map_structure(lambda _: 0, outputs)
+        self._single = not tree.is_nested(self._output_structure)
+        flat = tree.flatten(outputs)
+        leaves = [(tuple(o.shape)[1:], to_numpy_dtype(np.dtype(o.dtype))) for o in flat]
+        indices = tree.pack_sequence_as(self._output_structure, list(range(len(flat))))
+        self.output_specs = name_outputs(indices, leaves, output_names(model))
+
+    def _call(self, bucket: int) -> Any:
+        inputs = self.signature.pack([b[:bucket] for b in self.buffers])
+        return self._fn(self._trainable, self._non_trainable, inputs)
+
+    def run(self, bucket: int) -> list[np.ndarray]:
+        """Runs the first `bucket` rows of the batch buffers through the model.
+
+        Returns:
+            The model's outputs, flattened, as writable NumPy arrays of
+            `bucket` rows.
+        """
+        outputs = self._tree.flatten(self._call(bucket))
+        # np.asarray of a CPU array is a read-only view: callers get their own
+        # writable rows, as on TensorFlow.
+        return [np.array(o) for o in outputs]
+
+    def check_weights(self, arrays: Sequence[Any]) -> list[Any]:
+        """Checks arrays against the model's weights and copies them to the device.
+
+        Runs in the caller's thread (`update_weights`), so the worker only
+        swaps references.
+
+        Returns:
+            One JAX array per weight, in the order of `model.weights`.
+
+        Raises:
+            ValueError: if the count, a shape or a dtype does not fit.
+        """
+        put = self._jax.device_put
+        return [put(a) for a in super().check_weights(arrays)]
+
+    def set_weights(self, arrays: Sequence[Any]) -> None:
+        """Swaps in a new weight version (worker thread, between batches)."""
+        trainable = list(self._trainable)
+        non_trainable = list(self._non_trainable)
+        for (is_trainable, index), value in zip(self.layout, arrays):
+            (trainable if is_trainable else non_trainable)[index] = value
+        self._trainable, self._non_trainable = trainable, non_trainable
+
+    def pack_outputs(self, flat: Sequence[Any]) -> Any:
+        """Puts flat per-output values back in the structure the model returns."""
+        return self._tree.pack_sequence_as(self._output_structure, list(flat))
+
+    @property
+    def single_output(self) -> bool:
+        """Whether the model returns one tensor (not a list or dict)."""
+        return self._single
