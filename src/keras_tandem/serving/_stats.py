@@ -40,8 +40,11 @@ class ServingStats:
         """Adds one finished batch, its requests' latencies and queue waits (seconds)."""
         if waits is not None:
             self.queue_wait_s += float(waits.sum())
-            np.add.at(self.queue_wait_counts,
-                      np.searchsorted(self._wait_bounds, waits, side="left"), 1)
+            if len(waits) == 1:  # the common batch of one: no array work
+                self.queue_wait_counts[int(self._wait_bounds.searchsorted(waits[0]))] += 1
+            else:
+                self.queue_wait_counts += np.bincount(
+                    self._wait_bounds.searchsorted(waits), minlength=len(self.queue_wait_counts))
         self.requests += requests
         self.rows += rows
         self.batches += 1
