@@ -118,10 +118,11 @@ def _import_tensorflow_once_logged() -> None:
     os.close(write_end)
     try:
         tf = importlib.import_module("tensorflow")
-        if no_driver:
+        look_for_gpus = getattr(getattr(tf, "config", None), "list_physical_devices", None)
+        if no_driver and look_for_gpus is not None:
             # The CUDA build logs an ERROR line when it first looks for a GPU and
             # finds no driver: look now, through the filter, which drops it.
-            tf.config.list_physical_devices("GPU")
+            look_for_gpus("GPU")
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)  # the filter sees the end of its input, prints the rest and exits

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_tandem.serving._signature import ArraySpec, InputSignature
+from keras_tandem.serving._signature import ArraySpec, InputSignature, to_numpy_dtype
 
 _WARNED: set[object] = set()
 _WARNED_LOCK = threading.Lock()
@@ -322,6 +322,74 @@ class ForwardPass(abc.ABC):
             if start <= address < start + b.nbytes:
                 return output.copy()
         return output
+
+
+class StatelessForward(ForwardPass):
+    """What the JAX and PyTorch passes share: `stateless_call` over weights they own.
+
+    A subclass sets `self._tree` (`keras.tree`), keeps the weights in
+    `self._trainable` / `self._non_trainable`, and defines `_call(bucket)`
+    (the model on the first `bucket` rows of the buffers) and
+    `_as_weight(array)` (a checked array as the backend's weight value).
+    """
+
+    _tree: Any
+    _trainable: list[Any]
+    _non_trainable: list[Any]
+
+    @abc.abstractmethod
+    def _call(self, bucket: int) -> Any:
+        """The model's outputs, in its own structure, for the first `bucket` rows."""
+
+    def _as_weight(self, array: Any) -> Any:
+        return array
+
+    def _numpy_dtype(self, output: Any) -> np.dtype:
+        return np.dtype(output.dtype)
+
+    def _warm_up(self, model: Any) -> None:
+        """Runs every bucket once, then describes the outputs from the last run.
+
+        Patterned rows (not zeros) make a mix-up of rows show in the checks
+        `make_forward` runs next.
+        """
+        for b in self.buffers:
+            b[:] = pattern(b.shape, b.dtype)
+        try:
+            outputs = None
+            for bucket in self.buckets:
+                outputs = self._finish(self._call(bucket))
+        finally:
+            for b in self.buffers:
+                b.fill(0)
+        tree = self._tree
+        self._output_structure = tree.map_structure(lambda _: 0, outputs)
+        self._single = not tree.is_nested(self._output_structure)
+        flat = tree.flatten(outputs)
+        leaves = [(tuple(o.shape)[1:], to_numpy_dtype(self._numpy_dtype(o))) for o in flat]
+        indices = tree.pack_sequence_as(self._output_structure, list(range(len(flat))))
+        self.output_specs = name_outputs(indices, leaves, output_names(model))
+
+    def _finish(self, outputs: Any) -> Any:
+        """Waits for an asynchronous backend's outputs (JAX); others return them."""
+        return outputs
+
+    def set_weights(self, arrays: Sequence[Any]) -> None:
+        """Swaps in a new weight version (worker thread, between batches)."""
+        trainable = list(self._trainable)
+        non_trainable = list(self._non_trainable)
+        for (is_trainable, index), value in zip(self.layout, arrays):
+            (trainable if is_trainable else non_trainable)[index] = self._as_weight(value)
+        self._trainable, self._non_trainable = trainable, non_trainable
+
+    def pack_outputs(self, flat: Sequence[Any]) -> Any:
+        """Puts flat per-output values back in the structure the model returns."""
+        return self._tree.pack_sequence_as(self._output_structure, list(flat))
+
+    @property
+    def single_output(self) -> bool:
+        """Whether the model returns one tensor (not a list or dict)."""
+        return self._single
 
 
 # ------------------------------------------------- helpers the passes share

@@ -22,18 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from keras_tandem.serving._forward import (
-    ForwardPass,
-    accepts_training,
-    name_outputs,
-    output_names,
-    pattern,
-    variable_value,
-)
-from keras_tandem.serving._signature import InputSignature, to_numpy_dtype
+from keras_tandem.serving._forward import StatelessForward, accepts_training, variable_value
+from keras_tandem.serving._signature import InputSignature
 
 
-class JaxForward(ForwardPass):
+class JaxForward(StatelessForward):
     """A model's forward pass under `jax.jit`, over a weight version it owns.
 
     Args:
@@ -70,26 +63,8 @@ class JaxForward(ForwardPass):
         self._tree = keras.tree
         self._warm_up(model)
 
-    def _warm_up(self, model: Any) -> None:
-        # One compile per bucket now, not at a caller's first batch of that
-        # size; patterned rows (not zeros) make a mix-up of rows show.
-        for b in self.buffers:
-            b[:] = pattern(b.shape, b.dtype)
-        try:
-            outputs = None
-            for bucket in self.buckets:
-                outputs = self._call(bucket)
-                self._jax.block_until_ready(outputs)
-        finally:
-            for b in self.buffers:
-                b.fill(0)
-        tree = self._tree
-        self._output_structure = tree.map_structure(lambda _: 0, outputs)
-        self._single = not tree.is_nested(self._output_structure)
-        flat = tree.flatten(outputs)
-        leaves = [(tuple(o.shape)[1:], to_numpy_dtype(np.dtype(o.dtype))) for o in flat]
-        indices = tree.pack_sequence_as(self._output_structure, list(range(len(flat))))
-        self.output_specs = name_outputs(indices, leaves, output_names(model))
+    def _finish(self, outputs: Any) -> Any:
+        return self._jax.block_until_ready(outputs)
 
     def _call(self, bucket: int) -> Any:
         inputs = self.signature.pack([b[:bucket] for b in self.buffers])
@@ -121,20 +96,3 @@ class JaxForward(ForwardPass):
         """
         put = self._jax.device_put
         return [put(a) for a in super().check_weights(arrays)]
-
-    def set_weights(self, arrays: Sequence[Any]) -> None:
-        """Swaps in a new weight version (worker thread, between batches)."""
-        trainable = list(self._trainable)
-        non_trainable = list(self._non_trainable)
-        for (is_trainable, index), value in zip(self.layout, arrays):
-            (trainable if is_trainable else non_trainable)[index] = value
-        self._trainable, self._non_trainable = trainable, non_trainable
-
-    def pack_outputs(self, flat: Sequence[Any]) -> Any:
-        """Puts flat per-output values back in the structure the model returns."""
-        return self._tree.pack_sequence_as(self._output_structure, list(flat))
-
-    @property
-    def single_output(self) -> bool:
-        """Whether the model returns one tensor (not a list or dict)."""
-        return self._single

@@ -34,26 +34,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from keras_tandem.serving._forward import (
-    ForwardPass,
-    accepts_training,
-    name_outputs,
-    output_names,
-    pattern,
-    variable_value,
-)
-from keras_tandem.serving._signature import InputSignature, to_numpy_dtype
+from keras_tandem.serving._forward import StatelessForward, accepts_training, variable_value
+from keras_tandem.serving._signature import InputSignature
 
 # export and the warning filters are process-wide: one Predictor records at a time.
 _TRACE_LOCK = threading.Lock()
 
 
-class TorchForward(ForwardPass):
+class TorchForward(StatelessForward):
     """A model's forward pass under `torch.inference_mode()`, over weights it owns.
 
     Args:
@@ -146,23 +138,8 @@ class TorchForward(ForwardPass):
         # Our own copy (check_weights made it): shared with the tensor, not copied again.
         return self._torch.as_tensor(array, device=self._device)
 
-    def _warm_up(self, model: Any) -> None:
-        for b in self.buffers:
-            b[:] = pattern(b.shape, b.dtype)
-        try:
-            outputs = None
-            for bucket in self.buckets:
-                outputs = self._call(bucket)
-        finally:
-            for b in self.buffers:
-                b.fill(0)
-        tree = self._tree
-        self._output_structure = tree.map_structure(lambda _: 0, outputs)
-        self._single = not tree.is_nested(self._output_structure)
-        flat = tree.flatten(outputs)
-        leaves = [(tuple(o.shape)[1:], to_numpy_dtype(_numpy_dtype(o))) for o in flat]
-        indices = tree.pack_sequence_as(self._output_structure, list(range(len(flat))))
-        self.output_specs = name_outputs(indices, leaves, output_names(model))
+    def _numpy_dtype(self, output: Any) -> np.dtype:
+        return _to_numpy(output[:0]).dtype
 
     def _call(self, bucket: int) -> Any:
         torch = self._torch
@@ -193,22 +170,8 @@ class TorchForward(ForwardPass):
             return [self._own(_to_numpy(o)) for o in self._run_graph(bucket)]
         return [self._own(_to_numpy(o)) for o in self._tree.flatten(self._call(bucket))]
 
-    def set_weights(self, arrays: Sequence[np.ndarray]) -> None:
-        """Swaps in a new weight version (worker thread, between batches)."""
-        trainable = list(self._trainable)
-        non_trainable = list(self._non_trainable)
-        for (is_trainable, index), value in zip(self.layout, arrays):
-            (trainable if is_trainable else non_trainable)[index] = self._tensor(value)
-        self._trainable, self._non_trainable = trainable, non_trainable
-
-    def pack_outputs(self, flat: Sequence[Any]) -> Any:
-        """Puts flat per-output values back in the structure the model returns."""
-        return self._tree.pack_sequence_as(self._output_structure, list(flat))
-
-    @property
-    def single_output(self) -> bool:
-        """Whether the model returns one tensor (not a list or dict)."""
-        return self._single
+    def _as_weight(self, array: np.ndarray) -> Any:
+        return self._tensor(array)
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -219,7 +182,3 @@ def _to_numpy(t: Any) -> np.ndarray:
 
         return t.float().numpy().astype(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-def _numpy_dtype(t: Any) -> np.dtype:
-    return _to_numpy(t[:0]).dtype
