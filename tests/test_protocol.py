@@ -298,3 +298,54 @@ def test_non_finite_answers_are_written_as_tf_serving_writes_them():
                                "b": np.array([[1.5]], np.float32)}, two, COLUMNAR)
     assert body == b'{"outputs":{"a":[[NaN]],"b":[[1.5]]}}'
     assert json_safe(np.array([0.1], np.float32)).dtype == np.float32  # finite: untouched
+
+
+# ------------------------------------------------- binary strings ({"b64": ...})
+
+TEXT = [spec("text", (), object)]
+BYTES_IN = [spec("image_bytes", (), object), spec("k", (), "int32")]
+
+
+def b64(data):
+    import base64
+
+    return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def test_b64_objects_decode_to_the_exact_bytes_in_row_and_columnar_formats():
+    raw = [b"\x89PNG\x00", b"ab\x00\x00", b""]  # trailing NULs must survive
+    for doc in ({"instances": [b64(r) for r in raw]}, {"inputs": [b64(r) for r in raw]}):
+        x, _ = parse_predict_body(json.dumps(doc).encode(), TEXT)
+        assert x.dtype == object and list(x) == raw
+
+
+def test_b64_objects_decode_in_named_inputs_of_both_formats():
+    rows = {"instances": [{"image_bytes": b64(b"\x00\xff"), "k": 1},
+                          {"image_bytes": b64(b"xy"), "k": 2}]}
+    cols = {"inputs": {"image_bytes": [b64(b"\x00\xff"), b64(b"xy")], "k": [1, 2]}}
+    for doc in (rows, cols):
+        x, _ = parse_predict_body(json.dumps(doc).encode(), BYTES_IN)
+        assert list(x["image_bytes"]) == [b"\x00\xff", b"xy"]
+        assert list(x["k"]) == [1, 2]
+
+
+def test_a_b64_that_does_not_decode_is_invalid_input():
+    with pytest.raises(InvalidInputError, match="base64"):
+        parse_predict_body(b'{"instances": [{"b64": "not base64!"}]}', TEXT)
+    with pytest.raises(InvalidInputError, match="b64"):
+        parse_predict_body(b'{"instances": [{"b64": 12}]}', TEXT)
+
+
+def test_string_outputs_named_bytes_are_written_as_b64_others_as_text():
+    outputs = {"image_bytes": np.array([b"\x00\x01", b"ok"], object),
+               "label": np.array([b"cat", b"\xff"], object)}
+    out = OutputSpec.from_specs({k: v[0] for k, v in outputs.items()},
+                                [spec("image_bytes", (), object), spec("label", (), object)])
+    doc = json.loads(format_predictions(outputs, out, ROW))
+    assert doc["predictions"] == [
+        {"image_bytes": {"b64": "AAE="}, "label": "cat"},
+        {"image_bytes": {"b64": "b2s="}, "label": {"b64": "/w=="}},
+    ]
+    single = OutputSpec.from_specs(np.array(b"x", object), [spec("out_bytes", (), object)])
+    doc = json.loads(format_predictions(np.array([b"hi"], object), single, COLUMNAR))
+    assert doc == {"outputs": [{"b64": "aGk="}]}

@@ -79,3 +79,18 @@ def test_string_outputs_answer_as_json_strings_and_metadata_says_dt_string():
     signature = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
     (output,) = signature["outputs"].values()
     assert output["dtype"] == "DT_STRING"
+
+
+def test_b64_strings_answer_as_the_same_texts_in_every_format(served):
+    import base64
+
+    port, expected = served
+    coded = [{"b64": base64.b64encode(t.encode()).decode("ascii")} for t in TEXTS]
+    for body, key in (({"instances": coded}, "predictions"),
+                      ({"instances": [{"text": c} for c in coded]}, "predictions"),
+                      ({"inputs": {"text": coded}}, "outputs")):
+        status, doc = post(port, body)
+        assert status == 200, doc
+        np.testing.assert_allclose(doc[key], expected, rtol=1e-5, atol=1e-6)
+    status, doc = post(port, {"instances": [{"b64": "%%%"}]})
+    assert status == 400 and "base64" in doc["error"]

@@ -18,6 +18,7 @@ input's dtype becomes +/-Infinity.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -132,20 +133,29 @@ def dumps(doc: Any) -> bytes:
         return json.dumps(doc, default=lambda o: np.asarray(o).tolist()).encode()
 
 
+# TF Serving writes an output whose name ends in this as {"b64": ...}.
+_BINARY_SUFFIX = "_bytes"
+
 _TOKENS = {"nan": orjson.Fragment(b"NaN"), "inf": orjson.Fragment(b"Infinity"),
            "-inf": orjson.Fragment(b"-Infinity")}
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any, binary: bool = False) -> Any:
     """`value`, or nested lists with `NaN`/`Infinity` tokens if it is a float array with any.
 
     Finite arrays are returned as they are (orjson writes them fast and in
     their own precision); only an array holding a non-finite value pays for
     the element-wise conversion.
+
+    Args:
+        value: an output.
+        binary: write strings as `{"b64": ...}` (TF Serving does so for an
+            output whose name ends in `_bytes`); otherwise as text when they
+            are UTF-8.
     """
     if isinstance(value, (bytes, np.bytes_)) or (isinstance(value, np.ndarray)
                                                   and value.dtype.kind in "OSU"):
-        return _strings(value)
+        return _strings(value, binary)
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.size == 0:
         return value
     if np.isfinite(value).all():
@@ -155,16 +165,25 @@ def json_safe(value: Any) -> Any:
     return _with_tokens(value)
 
 
-def _strings(a: Any) -> Any:
-    """String outputs as JSON strings (UTF-8), or `{"b64": ...}` for bytes that are not text."""
+def _strings(a: Any, binary: bool = False) -> Any:
+    """String outputs as JSON strings (UTF-8), or `{"b64": ...}` for bytes that are not text.
+
+    With `binary`, every string is written as `{"b64": ...}`.
+    """
     if isinstance(a, np.ndarray):
-        return [_strings(v) for v in a] if a.ndim else _strings(a[()])
+        return [_strings(v, binary) for v in a] if a.ndim else _strings(a[()], binary)
+    if isinstance(a, str):
+        if not binary:
+            return a
+        a = a.encode("utf-8")
     if isinstance(a, (bytes, np.bytes_)):
-        try:
-            return bytes(a).decode("utf-8")
-        except UnicodeDecodeError:
-            return {"b64": base64.b64encode(bytes(a)).decode("ascii")}
-    return a if isinstance(a, str) else str(a)
+        if not binary:
+            try:
+                return bytes(a).decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return {"b64": base64.b64encode(bytes(a)).decode("ascii")}
+    return str(a)
 
 
 def _with_tokens(a: np.ndarray) -> Any:
@@ -215,11 +234,31 @@ def parse_predict_body(body: bytes | bytearray, fields: Sequence[ArraySpec], *,
             return parsed
     doc = _loads(body)
     _check_document(doc, signature, signature_names)
+    if b'"b64"' in body:  # TF Serving's binary strings: {"b64": "..."} is those bytes
+        key = "instances" if "instances" in doc else "inputs"
+        doc[key] = _decode_b64(doc[key])
     if "instances" in doc:
         x, squeezed = _rows_to_input(doc["instances"], fields)
         return x, ROW + squeezed
     x, squeezed = _columns_to_input(doc["inputs"], fields)
     return x, COLUMNAR + squeezed
+
+
+def _decode_b64(value: Any) -> Any:
+    """`value` with every `{"b64": "..."}` object replaced by the bytes it encodes."""
+    if isinstance(value, list):
+        return [_decode_b64(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1 and "b64" in value:
+            text = value["b64"]
+            if not isinstance(text, str):
+                raise InvalidInputError(f'"b64" must hold a base64 string; got {text!r}.')
+            try:
+                return base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise InvalidInputError(f"Unable to base64 decode {text[:40]!r}: {e}") from None
+        return {k: _decode_b64(v) for k, v in value.items()}
+    return value
 
 
 def _loads(body: Any) -> Any:
@@ -307,7 +346,10 @@ def _decode_numeric_array(body: bytes | bytearray, fields: Sequence[ArraySpec],
 
 def _as_array(value: Any, what: str) -> np.ndarray:
     try:
-        return np.asarray(value)
+        arr = np.asarray(value)
+        if arr.dtype.kind == "S":  # decoded b64: NumPy's bytes dtype drops trailing NULs
+            arr = np.array(value, dtype=object)
+        return arr
     except (ValueError, TypeError) as e:
         raise InvalidInputError(
             f"{what} is not a rectangular array (ragged nested lists?). NumPy said: {e}"
@@ -426,8 +468,10 @@ def format_predictions(outputs: Any, spec: OutputSpec, fmt: str) -> bytes:
             flat = [_squeeze_answer(o) for o in spec.flatten(outputs)]
             outputs = dict(zip(spec.names, flat)) if spec.structure == "dict" else flat
     if spec.structure == "single":
-        return dumps({"predictions" if fmt == ROW else "outputs": json_safe(outputs)})
-    flat = [json_safe(np.asarray(o)) for o in spec.flatten(outputs)]
+        binary = bool(spec.names) and spec.names[0].endswith(_BINARY_SUFFIX)
+        return dumps({"predictions" if fmt == ROW else "outputs": json_safe(outputs, binary)})
+    flat = [json_safe(np.asarray(o), name.endswith(_BINARY_SUFFIX))
+            for name, o in zip(spec.names, spec.flatten(outputs), strict=True)]
     if fmt == ROW:
         preds = [{name: col[i] for name, col in zip(spec.names, flat, strict=True)}
                  for i in range(len(flat[0]))]
