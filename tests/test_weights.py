@@ -249,8 +249,10 @@ class Snapshots:
     def __init__(self, hold_first_until: threading.Event | None = None):
         self.snapshots: list[list[np.ndarray]] = []
         self.hold = hold_first_until
+        self.first_arrived = threading.Event()  # the hand-off thread has the first snapshot
 
     def update_weights(self, arrays):
+        self.first_arrived.set()
         if self.hold is not None and not self.snapshots:
             # The hand-off thread holds the first snapshot while training goes on:
             # a snapshot that views the live weights would change under it.
@@ -296,6 +298,10 @@ def test_a_snapshot_is_not_changed_by_later_optimizer_steps():
 
     class ReleaseAfter(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 == 3:
+                # The first publish was just queued: let the hand-off thread take
+                # it before training goes on, else the next one would supersede it.
+                assert sink.first_arrived.wait(60), "the hand-off thread never took it"
             if batch + 1 == 6:  # three optimizer steps after the first publish
                 later.set()
 
