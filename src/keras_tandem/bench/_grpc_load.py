@@ -30,6 +30,8 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from keras_tandem.bench._loadgen import _parse_summary
+
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 _CHANNELS_PER_PROCESS = 8
 
@@ -65,7 +67,7 @@ def run_grpc_load(target: str, request: bytes, connections: int, duration_s: flo
         outs = []
         for p in procs:
             stdout, stderr = p.communicate(timeout=duration_s + timeout_s + 120)
-            outs.append(_parse(stdout, stderr))
+            outs.append(_parse_summary(stdout, stderr, "the gRPC load generator"))
     finally:
         os.unlink(request_file)
     latencies = sorted(v for o in outs for v in o.pop("latencies_ms"))
@@ -82,14 +84,6 @@ def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return 0.0
     return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
-
-
-def _parse(stdout: str, stderr: str) -> dict[str, Any]:
-    for line in stdout.splitlines():
-        if line.startswith("TANDEM_JSON "):
-            return json.loads(line[len("TANDEM_JSON "):])
-    raise RuntimeError(f"the gRPC load generator printed no summary.\nstdout: "
-                       f"{stdout[-2000:]}\nstderr: {stderr[-2000:]}")
 
 
 class GrpcCeiling:

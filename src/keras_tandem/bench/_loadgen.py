@@ -108,11 +108,12 @@ def _run_wrk(url: str, body_file: str, connections: int, duration_s: float,
     return _parse_summary(proc.stdout, proc.stderr)
 
 
-def _parse_summary(stdout: str, stderr: str) -> dict[str, Any]:
+def _parse_summary(stdout: str, stderr: str, what: str = "the load generator") -> dict[str, Any]:
+    """The `TANDEM_JSON {...}` line a load-generator process printed, decoded."""
     for line in stdout.splitlines():
         if line.startswith("TANDEM_JSON "):
             return json.loads(line[len("TANDEM_JSON "):])
-    raise RuntimeError(f"the load generator printed no summary.\nstdout: {stdout[-2000:]}\n"
+    raise RuntimeError(f"{what} printed no summary.\nstdout: {stdout[-2000:]}\n"
                        f"stderr: {stderr[-2000:]}")
 
 
