@@ -27,22 +27,51 @@ def test_train_serve_bench_reports_every_ratio(tmp_path, capsys):
     for case in ("Predictor, open loop", "Predictor, closed loop"):  # CPU per answer
         assert rows[case]["cpu_us"] > 0 and rows[case]["serve_cpu_us"] is not None
     assert "cpu_us" in doc["ratios"] and "\ncpu_us=" in printed
+    open_loop = rows["Predictor, open loop"]  # thread by thread: the worker's and the clients'
+    assert open_loop["worker_cpu_us"] > 0 and open_loop["client_cpu_us"] > 0
+    assert "\nworker_cpu_us=" in printed and "\nclient_cpu_us=" in printed
     assert doc["config"]["max_delay_ms"] > 0
 
 
-def test_ratios_pair_each_case_with_the_alone_run_of_its_repetition():
+def test_ratios_pair_each_case_with_the_alone_runs_beside_it():
     from keras_tandem.bench import train_serve
 
+    # In run order; training alone drifts from 100 to 200 samples/s over the run.
     raw = [{"case": "alone", "rep": 0, "train_sps": 100.0},
            {"case": "Predictor, open loop", "rep": 0, "train_sps": 90.0},
-           {"case": "alone", "rep": 1, "train_sps": 300.0},
-           {"case": "Predictor, open loop", "rep": 1, "train_sps": 150.0},
+           {"case": "alone", "rep": 0, "train_sps": 200.0},
+           {"case": "Predictor, open loop", "rep": 1, "train_sps": 140.0},
+           {"case": "alone", "rep": 1, "train_sps": 200.0},
            {"case": "alone (naive process)", "rep": 0, "train_sps": 50.0},
-           {"case": "model.predict, open loop", "rep": 0, "train_sps": 5.0}]
+           {"case": "model.predict, open loop", "rep": 0, "train_sps": 5.0},
+           {"case": "alone (naive process)", "rep": 0, "train_sps": 50.0}]
     train_serve._pair_with_alone(raw)
+    assert raw[1]["train_vs_alone"] == 0.6  # 90 against the mean of 100 and 200
+    assert raw[3]["train_vs_alone"] == 0.7  # 140 against 200 and 200
     ratios = train_serve._ratios(train_serve._combine(raw))
-    assert ratios["train_vs_alone"] == 0.7  # median of 0.9 and 0.5, not 120 / 200
-    assert ratios["train_vs_alone_naive"] == 0.1  # against its own process's alone
+    assert abs(ratios["train_vs_alone"] - 0.65) < 1e-9  # the median of 0.6 and 0.7
+    assert ratios["train_vs_alone_naive"] == 0.1  # against its own process's alone runs
+
+
+def test_serve_cpu_takes_off_what_training_alone_spent_per_sample():
+    from keras_tandem.bench import train_serve
+
+    raw = [{"case": "alone", "rep": 0, "train_sps": 100.0, "cpu_s": 1.0, "train_samples": 100},
+           {"case": "Predictor, open loop", "rep": 0, "train_sps": 90.0, "cpu_s": 1.5,
+            "train_samples": 90, "answered": 1000},
+           {"case": "alone", "rep": 0, "train_sps": 100.0, "cpu_s": 1.4, "train_samples": 100}]
+    train_serve._pair_with_alone(raw)
+    # Alone: 0.012 CPU s per sample (the mean of 0.010 and 0.014), so training 90 samples
+    # accounts for 1.08 of the case's 1.5 CPU s; 0.42 s over 1,000 answers.
+    assert abs(raw[1]["serve_cpu_us"] - 420.0) < 1e-6
+
+
+def test_every_case_runs_between_two_alone_runs():
+    from keras_tandem.bench import train_serve
+
+    order = [case for _, case in train_serve._sequence(("alone", "open", "alone", "closed"), 2)]
+    assert order == ["alone", "open", "alone", "closed", "alone", "open", "alone", "closed",
+                     "alone"]
 
 
 def test_open_loop_summary_counts_requests_never_answered():

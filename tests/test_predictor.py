@@ -1,6 +1,7 @@
 """Behaviour of `Predictor`: answers, batching, versions, errors, lifecycle."""
 
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -598,3 +599,19 @@ def test_a_plain_model_is_served_by_the_backends_fast_pass():
         assert stats["executor"] == "torchscript" and stats["traces"] == 4
     if BACKEND == "jax":  # one compile per bucket: 1, 2, 4, 8
         assert stats["traces"] == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"),
+                    reason="per-thread CPU time is read from Linux's /proc")
+def test_stats_report_the_worker_threads_cpu_time():
+    p = Predictor(mlp())
+    try:
+        before = p.stats()["worker_cpu_s"]
+        for _ in range(50):
+            p.predict(np.ones(8, "float32"))
+        after = p.stats()["worker_cpu_s"]
+        assert 0 < before < after  # it traced and warmed up, then ran 50 passes
+    finally:
+        p.close()
+    wait_until(lambda: p.stats()["worker_cpu_s"] is None,
+               message="the worker's CPU time is still reported after close()")

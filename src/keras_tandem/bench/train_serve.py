@@ -7,13 +7,19 @@ a `Predictor` fed by `PublishWeights`, (c) while the same threads call
 it can take a process down), and (d) while the threads send through the
 Predictor as fast as they can (closed loop). Each case is repeated and
 reported by its median (and minimum); ratios compare cases of the same
-process, so they mean the same on any machine.
+process, so they mean the same on any machine. Training alone drifts by
+several percent between runs seconds apart, so every case runs between two
+"alone" runs (alone, open loop, alone, closed loop, ..., alone) and is
+compared with the mean of the two beside it.
 
 CPU per answered request: `cpu_us` is the process's CPU time (every thread,
 `time.process_time`) over a case, training included, per request answered
 in it; `serve_cpu_us` takes off what training alone spent per sample in the
-same repetition, times the samples trained: the CPU serving added, per
-answered request.
+same repetitions, times the samples trained: the CPU serving added, per
+answered request. Of that, `worker_cpu_us` is the Predictor's worker thread
+(batching, forward passes, answering) and `client_cpu_us` the client
+threads (pacing, `predict` calls, waking for answers); the rest is what the
+other threads (training's among them) spent more than alone.
 
 Training is timed from the first `on_train_batch_begin` to the last
 `on_train_batch_end`, so tf.data iterator teardown (which can stall for
@@ -41,9 +47,9 @@ from keras_tandem.bench import _report
 
 _now = time.perf_counter
 # Requests may wait up to this long for others to share their forward pass: at
-# the default rate several share one, and training keeps the CPU the other
+# the default rate about ten share one, and training keeps the CPU the other
 # passes would take (docs/design.md, "Training while serving").
-_DEFAULT_DELAY_MS = 5.0
+_DEFAULT_DELAY_MS = 10.0
 # Table column -> row field (the JSON keeps every field under its own name).
 COLUMNS = {
     "case": "case",
@@ -58,6 +64,8 @@ COLUMNS = {
     "p99 sent": "p99_sent_ms",         # from the time the client thread sent it
     "cpu us": "cpu_us",                # process CPU per answered request, training included
     "serve cpu us": "serve_cpu_us",    # the same less training alone's CPU per sample
+    "worker us": "worker_cpu_us",      # of which the Predictor's worker thread
+    "client us": "client_cpu_us",      # and the client threads
     "published": "versions_published",
     "v served": "versions_served",
     "stall ms": "publish_ms_mean",     # training-thread stall per publish
@@ -75,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=None,
                         help="training seconds per case (default 4; --quick 1)")
     parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of every case (default 3; --quick 3)")
+                        help="repetitions of every case (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--publish-seconds", type=float, default=0.1,
                         help="publish weights every this many seconds (default 0.1)")
@@ -106,6 +114,7 @@ class _Load:
         self._stop = threading.Event()
         self.records: list[list[tuple[float, float, Any, float]]] = [[] for _ in range(threads)]
         self.errors = [0] * threads
+        self.cpu_s = [0.0] * threads  # each client thread's CPU time, set when it ends
         self._threads = [threading.Thread(target=self._client, args=(i, threads), daemon=True)
                          for i in range(threads)]
 
@@ -135,6 +144,13 @@ class _Load:
         return slots
 
     def _client(self, i: int, threads: int) -> None:
+        cpu = time.thread_time()
+        try:
+            self._send(i, threads)
+        finally:
+            self.cpu_s[i] = time.thread_time() - cpu
+
+    def _send(self, i: int, threads: int) -> None:
         x, call, mine, stop = self._inputs[i % len(self._inputs)], self._call, self.records[i], \
             self._stop
         period = threads / self.rate if self.rate else 0.0
@@ -319,10 +335,15 @@ def _case(trainer: _Trainer, load: _Load | None, publisher: Any = None,
         answered = sum(len(mine) for mine in load.records)  # over the whole case, as cpu_s
         row["answered"] = answered
         row["cpu_us"] = cpu / answered * 1e6 if answered else None
+        row["client_cpu_us"] = sum(load.cpu_s) / answered * 1e6 if answered else None
     if before is not None:
         after = predictor.stats()
         batches = after["batches"] - before["batches"]
         row["mean_batch"] = (after["requests"] - before["requests"]) / batches if batches else None
+        if row.get("answered") and after.get("worker_cpu_s") is not None \
+                and before.get("worker_cpu_s") is not None:
+            worker = after["worker_cpu_s"] - before["worker_cpu_s"]
+            row["worker_cpu_us"] = worker / row["answered"] * 1e6
     if publisher is not None:
         row.update(versions_published=publisher.published,
                    publish_ms_mean=publisher.publish_seconds_mean * 1e3,
@@ -353,19 +374,27 @@ def _predictor_cases(args: argparse.Namespace, reps: int, seconds: float) -> lis
         def publisher():
             return PublishWeights(predictor, every_seconds=args.publish_seconds)
 
-        for rep in range(reps):
-            for case, rate in (("alone", None), ("Predictor, open loop", args.rate),
-                               ("Predictor, closed loop", None)):
-                if case == "alone":
-                    row = _case(trainer, None)
-                else:
-                    row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher(),
-                                predictor)
-                    row["call_path"] = call_path
-                row.update(case=case, rep=rep)
-                reps_rows.append(row)
-                _progress(row)
+        cases = (("alone", None), ("Predictor, open loop", args.rate), ("alone", None),
+                 ("Predictor, closed loop", None))
+        for rep, (case, rate) in _sequence(cases, reps):
+            if case == "alone":
+                row = _case(trainer, None)
+            else:
+                row = _case(trainer, _Load(call, inputs, args.threads, rate), publisher(),
+                            predictor)
+                row["call_path"] = call_path
+            row.update(case=case, rep=rep)
+            reps_rows.append(row)
+            _progress(row)
     return reps_rows
+
+
+def _sequence(cases: tuple, reps: int) -> list[tuple[int, tuple]]:
+    """`(rep, case)` in run order: the cases `reps` times, then one more "alone" run.
+
+    Every case then has an "alone" run right before and right after it.
+    """
+    return [(rep, case) for rep in range(reps) for case in cases] + [(reps - 1, cases[0])]
 
 
 def _progress(row: dict) -> None:
@@ -446,15 +475,14 @@ def _child_naive(config: dict[str, Any]) -> None:
     def call(x):
         copy.predict(x, verbose=0)
 
-    for rep in range(config["reps"]):
-        for case in ("alone", "model.predict, open loop"):
-            if case == "alone":
-                row = _case(trainer, None)
-            else:
-                row = _case(trainer, _Load(call, inputs, config["threads"], config["rate"]),
-                            CopyWeights())
-            row.update(case=case, rep=rep)
-            print("TANDEM_ROW " + json.dumps(row), flush=True)
+    for rep, case in _sequence(("alone", "model.predict, open loop"), config["reps"]):
+        if case == "alone":
+            row = _case(trainer, None)
+        else:
+            row = _case(trainer, _Load(call, inputs, config["threads"], config["rate"]),
+                        CopyWeights())
+        row.update(case=case, rep=rep)
+        print("TANDEM_ROW " + json.dumps(row), flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -479,28 +507,40 @@ def _combine(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _pair_with_alone(raw: list[dict]) -> None:
-    """Sets each row's `train_vs_alone` against the "alone" run of its repetition and process.
+_NAIVE_PROCESS = ("alone (naive process)", "model.predict, open loop")
 
-    Also `serve_cpu_us`, where the CPU was measured: the case's CPU less the
-    alone run's CPU per training sample times the samples trained, per
-    answered request.
+
+def _pair_with_alone(raw: list[dict]) -> None:
+    """Sets each case's `train_vs_alone` against the "alone" runs beside it in its process.
+
+    `raw` is in run order. A case is compared with the mean training speed
+    of the "alone" run right before it and the one right after it (either
+    alone where only one ran), so a drift of training speed over the run
+    cancels out. Also `serve_cpu_us`, where the CPU was measured: the case's
+    CPU less those runs' mean CPU per training sample times the samples
+    trained, per answered request.
     """
-    alone, alone_rows = {}, {}
-    for r in raw:
-        if r["case"].startswith("alone") and r.get("train_sps"):
-            alone[(r["case"], r["rep"])] = r["train_sps"]
-            alone_rows[(r["case"], r["rep"])] = r
-    for r in raw:
-        naive = r["case"] in ("model.predict, open loop", "alone (naive process)")
-        key = ("alone (naive process)" if naive else "alone", r["rep"])
-        base = alone.get(key)
-        if base and r.get("train_sps"):
-            r["train_vs_alone"] = r["train_sps"] / base
-        a = alone_rows.get(key, {})
-        if r.get("answered") and a.get("cpu_s") and a.get("train_samples"):
-            training = a["cpu_s"] / a["train_samples"] * r["train_samples"]
-            r["serve_cpu_us"] = (r["cpu_s"] - training) / r["answered"] * 1e6
+    for process in (True, False):
+        rows = [r for r in raw if (r["case"] in _NAIVE_PROCESS) == process]
+        for i, r in enumerate(rows):
+            if r["case"].startswith("alone") or not r.get("train_sps"):
+                continue
+            before = next((a for a in reversed(rows[:i]) if _measured_alone(a)), None)
+            after = next((a for a in rows[i + 1:] if _measured_alone(a)), None)
+            beside = [a for a in (before, after) if a is not None]
+            if not beside:
+                continue
+            r["train_vs_alone"] = r["train_sps"] / statistics.fmean(
+                a["train_sps"] for a in beside)
+            if r.get("answered") and all(a.get("cpu_s") and a.get("train_samples")
+                                         for a in beside):
+                per_sample = statistics.fmean(a["cpu_s"] / a["train_samples"] for a in beside)
+                training = per_sample * r["train_samples"]
+                r["serve_cpu_us"] = (r["cpu_s"] - training) / r["answered"] * 1e6
+
+
+def _measured_alone(row: dict) -> bool:
+    return row["case"].startswith("alone") and bool(row.get("train_sps"))
 
 
 def _ratios(rows: list[dict]) -> dict[str, float | None]:
@@ -522,6 +562,8 @@ def _ratios(rows: list[dict]) -> dict[str, float | None]:
         "mean_batch": open_.get("mean_batch"),
         "cpu_us": open_.get("cpu_us"),
         "serve_cpu_us": open_.get("serve_cpu_us"),
+        "worker_cpu_us": open_.get("worker_cpu_us"),
+        "client_cpu_us": open_.get("client_cpu_us"),
     }
 
 
@@ -529,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table and ratio lines."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     seconds = args.seconds or (1.0 if args.quick else 4.0)
-    reps = args.reps or 3  # a median of three paired ratios: one odd run cannot move it
+    reps = args.reps or 5  # a median of five paired ratios: two odd runs cannot move it
     if args.rate <= 0 or args.threads < 1 or reps < 1 or seconds <= 0:
         _report.console.print("--rate, --threads, --reps and --seconds must be positive")
         return 2

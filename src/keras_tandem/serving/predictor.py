@@ -405,7 +405,10 @@ class Predictor:
             "default"), `queue_wait_seconds` (total time requests waited
             in the queue before their batch started) and `queue_wait_counts`
             (requests by queue wait: one count per bound of
-            `serving.specs.QUEUE_WAIT_BOUNDS`, then one beyond the last).
+            `serving.specs.QUEUE_WAIT_BOUNDS`, then one beyond the last),
+            and `worker_cpu_s`: CPU seconds the worker thread has used
+            (batching, forward passes, answering), None where the system
+            does not say (Linux does).
         """
         s = self._stats.snapshot()
         s["queue_depth"] = len(self._queue)
@@ -416,6 +419,7 @@ class Predictor:
         s["traces"] = forward.traces if forward else 0
         s["call_path"] = forward.call_path if forward else None
         s["executor"] = forward.executor if forward else None
+        s["worker_cpu_s"] = _thread_cpu_s(self._worker.native_id)
         return s
 
     def close(self, timeout_s: float | None = None) -> None:
@@ -637,6 +641,17 @@ class Predictor:
                 r.finish(pack([o[pos] if r.single else o[pos:pos + n] for o in outputs]),
                          version)
                 pos += n
+
+
+def _thread_cpu_s(native_id: int | None) -> float | None:
+    """CPU seconds a live thread of this process has used, from Linux's /proc; else None."""
+    if native_id is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9  # on-CPU time, nanoseconds
+    except (OSError, ValueError, IndexError):  # not Linux, or the thread has ended
+        return None
 
 
 def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable, arg: Any) -> None:
