@@ -300,6 +300,30 @@ def test_non_finite_answers_are_written_as_tf_serving_writes_them():
     assert json_safe(np.array([0.1], np.float32)).dtype == np.float32  # finite: untouched
 
 
+def _bfloat16():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return np.array([[1.5, -2.0]], ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.array([[0.1, -2.5]], np.float32),
+    lambda: np.array([[0.1, np.nan], [np.inf, -np.inf]], np.float32),
+    lambda: np.array([[1e-3, 2.0]], np.float16),
+    lambda: np.array([[np.nan, 2.0]], np.float64),
+    lambda: np.array([[1, -2]], np.int64),
+    lambda: np.array([[True, False]]),
+    lambda: np.arange(8, dtype=np.float32).reshape(2, 4)[:, ::2],  # a strided view
+    lambda: np.zeros((0, 2), np.float32),
+    _bfloat16,
+], ids=["f32", "f32-nonfinite", "f16", "f64-nan", "int", "bool", "strided", "empty", "bf16"])
+@pytest.mark.parametrize("fmt", [ROW, COLUMNAR])
+def test_a_single_numeric_answer_is_written_as_the_general_encoder_writes_it(make, fmt):
+    out = make()
+    spec_ = OutputSpec("single", ("y",), (out.shape[1:],), (out.dtype,))
+    key = "predictions" if fmt == ROW else "outputs"
+    assert format_predictions(out, spec_, fmt) == dumps({key: json_safe(out)})
+
+
 # ------------------------------------------------- binary strings ({"b64": ...})
 
 TEXT = [spec("text", (), object)]

@@ -237,6 +237,42 @@ def test_unknown_model_version_path_and_method(single, method, path, status):
     assert isinstance(doc, dict) and isinstance(doc["error"], str) and doc["error"]
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/v1/models/m:predict", "POST"),
+    ("HEAD", "/v1/models/m/versions/1:classify", "POST"),
+    ("POST", "/v1/models/m/metadata", "GET,HEAD"),
+    ("DELETE", "/healthz", "GET,HEAD"),
+])
+def test_a_wrong_method_gets_a_json_405_with_allow(single, method, path, allow):
+    server, _, _ = single
+    _, _, before = request(server.url, "GET", "/metrics")
+    got, headers, body = request(server.url, method, path, b"{}" if method == "POST" else None,
+                                 raw=True)
+    assert got == 405 and headers["Allow"] == allow
+    assert headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == {"error": "Method Not Allowed"} if method != "HEAD" else not body
+    _, _, after = request(server.url, "GET", "/metrics")
+    counted = [metric(text, "keras_tandem_http_errors_total", kind="method_not_allowed") or 0
+               for text in (before, after)]
+    assert counted[1] == counted[0] + 1
+
+
+def test_a_bug_in_a_handler_answers_a_json_500_and_is_counted(single, monkeypatch):
+    from keras_tandem.server import _app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    server, _, _ = single
+    monkeypatch.setattr(_app, "metadata_doc", broken)
+    got, headers, doc = request(server.url, "GET", "/v1/models/m/metadata")
+    assert got == 500 and headers["Content-Type"].startswith("application/json")
+    assert doc == {"error": "Internal error: RuntimeError: boom"}
+    _, _, text = request(server.url, "GET", "/metrics")
+    assert metric(text, "keras_tandem_http_errors_total", kind="internal") >= 1
+    assert metric(text, "keras_tandem_http_requests_total", endpoint="other", code=500) >= 1
+
+
 def test_oversize_body_gets_413_before_the_body_is_read(single):
     server, _, _ = single
     host, port = server.url.removeprefix("http://").split(":")

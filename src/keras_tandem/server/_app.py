@@ -30,6 +30,7 @@ import contextlib
 import functools
 import logging
 import time
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -126,21 +127,28 @@ class ModelApp:
         self.logs = logs or RateLimitedLog(log)
         self._sampler: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._no_route_resource: Any = None
 
     def build(self) -> web.Application:
-        """The aiohttp `Application` with every route."""
-        app = web.Application(middlewares=[self._json_errors],
-                              client_max_size=self.max_body_bytes)
+        """The aiohttp `Application` with every route.
+
+        There is no middleware: it would wrap every request in two more
+        coroutine frames. The predict-like handlers map their own errors
+        (`_answer`), the others are `_guarded`, and a last route takes every
+        path and method no other route takes, answering the JSON 404 or 405.
+        """
+        app = web.Application(client_max_size=self.max_body_bytes)
         for which in _MODEL_PATHS:
             base = f"/v1/models/{_NAME}{which}"
             app.router.add_post(f"{base}:predict", self.predict)
             app.router.add_post(f"{base}:classify", self.classify)
             app.router.add_post(f"{base}:regress", self.regress)
-            app.router.add_get(base, self.status)
-            app.router.add_get(f"{base}/metadata", self.metadata)
+            app.router.add_get(base, self._guarded(self.status))
+            app.router.add_get(f"{base}/metadata", self._guarded(self.metadata))
         for path in METRICS_PATHS:
-            app.router.add_get(path, self.prometheus)
-        app.router.add_get("/healthz", self.healthz)
+            app.router.add_get(path, self._guarded(self.prometheus))
+        app.router.add_get("/healthz", self._guarded(self.healthz))
+        self._no_route_resource = app.router.add_route("*", "/{path:.*}", self._no_route).resource
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -162,29 +170,37 @@ class ModelApp:
                           exc_info=True)
         self._sampler = loop.call_later(0.5, self._schedule_sample, loop)
 
-    @web.middleware
-    async def _json_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as e:  # aiohttp's own: no route, wrong method, too large
-            if e.status < 400:
-                raise
-            kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-            message = {404: f"Not found: {request.method} {request.path}",
-                       413: self._too_large_message(request.content_length)}.get(
-                e.status, e.reason or "HTTP error")
-            err = _Error(e.status, message, kinds.get(e.status, "http"))
-            self.metrics.observe("other", e.status, error_kind=err.kind)
-            resp = err.response(close=e.status == 413)
-            if e.status == 405 and "Allow" in e.headers:
-                resp.headers["Allow"] = e.headers["Allow"]
-            return resp
-        except Exception as e:  # a bug answers 500 JSON
-            self.logs.log("internal", logging.ERROR, "%s %s failed unexpectedly",
-                          request.method, request.path, exc_info=True)
-            err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-            self.metrics.observe("other", 500, error_kind=err.kind)
-            return err.response()
+    async def _no_route(self, request: web.Request) -> web.Response:
+        """The JSON 404 (no route takes the path) or 405 (routes take it, not this method)."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not self._no_route_resource:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            err = _Error(405, HTTPStatus.METHOD_NOT_ALLOWED.phrase, "method_not_allowed")
+        else:
+            err = _Error(404, f"Not found: {request.method} {request.path}", "not_found")
+        self.metrics.observe("other", err.status, error_kind=err.kind)
+        resp = err.response()
+        if allowed:
+            resp.headers["Allow"] = ",".join(sorted(allowed))  # as aiohttp's own 405
+        return resp
+
+    def _guarded(self, handler: Any) -> Any:
+        """`handler`, answering an unexpected error with a JSON 500 (and logging it)."""
+
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except Exception as e:  # a bug answers 500 JSON
+                self.logs.log("internal", logging.ERROR, "%s %s failed unexpectedly",
+                              request.method, request.path, exc_info=True)
+                err = _Error(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+                self.metrics.observe("other", 500, error_kind=err.kind)
+                return err.response()
+
+        return guarded
 
     def _too_large_message(self, length: int | None) -> str:
         got = f" ({length} bytes)" if length is not None else ""
@@ -344,13 +360,16 @@ class ModelApp:
                 raise InvalidInputError(
                     f"Serving signature name: \"{signature}\" not found in signature def. "
                     f"This model has {', '.join(map(repr, servable.signature_names))}.")
-            parse = functools.partial(_parse, signature=signature,
-                                      signature_names=servable.signature_names)
-            if len(body) > _OFFLOAD_BYTES:
-                x, fmt = await asyncio.get_running_loop().run_in_executor(
-                    None, parse, body, target.inputs)
-            else:
-                x, fmt = parse(body, target.inputs)
+            if len(body) > _OFFLOAD_BYTES or servable.signatures:
+                parse = functools.partial(_parse, signature=signature,
+                                          signature_names=servable.signature_names)
+                if len(body) > _OFFLOAD_BYTES:
+                    x, fmt = await asyncio.get_running_loop().run_in_executor(
+                        None, parse, body, target.inputs)
+                else:
+                    x, fmt = parse(body, target.inputs)
+            else:  # a small body for a model of one signature: the parser's defaults fit
+                x, fmt = _parse(body, target.inputs)
             del body  # the decoded input is all that is needed now
             servable, answer = self._submit(target, x, signature, key)
             del x

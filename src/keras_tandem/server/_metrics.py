@@ -2,10 +2,14 @@
 
 Owns: the HTTP-side counters and latency histogram (recorded by the request
 handlers on the event loop, and by gRPC's), and a collector that reads the
-Predictors' `stats()` at scrape time. Every metric has a `model` label; a
-model's batcher metrics (queue depth, batch sizes, queue waits, requests,
-batches, rejections) add up all of its Predictors: every loaded version and
-every signature. Counters and histograms are kept from `stats()` deltas, so
+Predictors' `stats()` at scrape time. A request is counted into plain
+Python counts under one lock (`_RequestCounts`: a dict lookup and a bucket
+index, no prometheus-client child per call); they become the Prometheus
+families, `_created` series included, only when scraped
+(`_RequestCollector`). Every metric has a `model` label; a model's batcher
+metrics (queue depth, batch sizes, queue waits, requests, batches,
+rejections) add up all of its Predictors: every loaded version and every
+signature. Counters and histograms are kept from `stats()` deltas, so
 they never go backwards when a Predictor is replaced or a version unloaded
 (a retired Predictor's last stats are taken when it closes). Each server has
 its own `CollectorRegistry`, so several servers (tests) never clash.
@@ -19,13 +23,18 @@ counts each request's wait in `QUEUE_WAIT_BOUNDS`.
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from keras_tandem.serving.specs import QUEUE_WAIT_BOUNDS, bucket_sizes
 
@@ -165,20 +174,9 @@ class ServerMetrics:
         self.model_name = model_name
         self._models: dict[str, _ModelStats] = {}
         self._lock = threading.Lock()
-        self.requests = Counter(
-            "keras_tandem_http_requests", "HTTP requests answered, by endpoint and status code.",
-            ["model", "endpoint", "code"], registry=self.registry)
-        self.errors = Counter(
-            "keras_tandem_http_errors", "HTTP requests that failed, by kind of error.",
-            ["model", "kind"], registry=self.registry)
-        self.latency = Histogram(
-            "keras_tandem_http_request_duration_seconds",
-            "Time from reading a predict request to its response being ready.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = _RequestCounts()
+        self.registry.register(_RequestCollector(self.requests))
         self.registry.register(_PredictorCollector(self))
-        self._latency: dict[str, Any] = {}
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._errors: dict[tuple[str, str], Any] = {}
         if current is not None:
             self.add_model(model_name, max_batch_size, current,
                            lambda: [p] if (p := current()[0]) is not None else [],
@@ -206,11 +204,6 @@ class ServerMetrics:
         with self._lock:
             self._models.pop(name, None)
 
-    def _label(self, model: str | None) -> str:
-        if model is None or model not in self._models:
-            return self.model_name  # an unknown name: no label per name a client makes up
-        return model
-
     def observe(self, endpoint: str, code: int, seconds: float | None = None,
                 error_kind: str | None = None, model: str | None = None) -> None:
         """Counts one answered request (and its latency, for predict-like endpoints).
@@ -223,22 +216,9 @@ class ServerMetrics:
             model: the served model the request named (None or unknown: the
                 server's default label).
         """
-        label = self._label(model)
-        key = (label, endpoint, code)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(label, endpoint, str(code))
-        child.inc()
-        if seconds is not None:
-            latency = self._latency.get(label)
-            if latency is None:
-                latency = self._latency[label] = self.latency.labels(label)
-            latency.observe(seconds)
-        if error_kind is not None:
-            err = self._errors.get((label, error_kind))
-            if err is None:
-                err = self._errors[(label, error_kind)] = self.errors.labels(label, error_kind)
-            err.inc()
+        # An unknown name counts under the default label: no series per name a client makes up.
+        self.requests.add(model if model in self._models else self.model_name, endpoint, code,
+                          seconds, error_kind)
 
     def sample(self) -> None:
         """Feeds every model's histograms and totals from its Predictors' stats."""
@@ -261,6 +241,89 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _RequestCounts:
+    """Requests, errors and latencies as plain counts, added to on the request path.
+
+    Each series remembers when it was first counted (its `_created` sample).
+    Thread-safe: the REST handlers and gRPC's count from different threads.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # (model, endpoint, code) / (model, kind) -> [count, created]
+        self.requests: dict[tuple[str, str, int], list[float]] = {}
+        self.errors: dict[tuple[str, str], list[float]] = {}
+        # model -> [bucket counts (the last one +Inf), sum, created]
+        self.latency: dict[str, list[Any]] = {}
+
+    def add(self, model: str, endpoint: str, code: int, seconds: float | None,
+            error_kind: str | None) -> None:
+        with self.lock:
+            entry = self.requests.get((model, endpoint, code))
+            if entry is None:
+                entry = self.requests[(model, endpoint, code)] = [0, time.time()]
+            entry[0] += 1
+            if seconds is not None:
+                hist = self.latency.get(model)
+                if hist is None:
+                    hist = self.latency[model] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0,
+                                                  time.time()]
+                # `le` buckets: a value on a bound counts in that bound's bucket.
+                hist[0][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                hist[1] += seconds
+            if error_kind is not None:
+                entry = self.errors.get((model, error_kind))
+                if entry is None:
+                    entry = self.errors[(model, error_kind)] = [0, time.time()]
+                entry[0] += 1
+
+
+_LE = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]
+
+
+class _RequestCollector:
+    """`_RequestCounts` as the families prometheus-client's `Counter` and `Histogram` would give."""
+
+    def __init__(self, counts: _RequestCounts):
+        self._counts = counts
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        counts = self._counts
+        with counts.lock:
+            requests = [(k, *v) for k, v in counts.requests.items()]
+            errors = [(k, *v) for k, v in counts.errors.items()]
+            latency = [(k, list(v[0]), v[1], v[2]) for k, v in counts.latency.items()]
+        created = getattr(_prometheus_metrics, "_use_created", True)
+        family = CounterMetricFamily(
+            "keras_tandem_http_requests", "HTTP requests answered, by endpoint and status code.",
+            labels=["model", "endpoint", "code"])
+        for (model, endpoint, code), n, t in requests:
+            family.add_metric([model, endpoint, str(code)], float(n), t if created else None)
+        yield family
+        family = CounterMetricFamily(
+            "keras_tandem_http_errors", "HTTP requests that failed, by kind of error.",
+            labels=["model", "kind"])
+        for (model, kind), n, t in errors:
+            family.add_metric([model, kind], float(n), t if created else None)
+        yield family
+        name = "keras_tandem_http_request_duration_seconds"
+        family = HistogramMetricFamily(
+            name, "Time from reading a predict request to its response being ready.",
+            labels=["model"])
+        for model, buckets, total, t in latency:
+            cumulative, running = [], 0
+            for le, n in zip(_LE, buckets, strict=True):
+                running += n
+                cumulative.append((le, float(running)))
+            family.add_metric([model], cumulative, total)
+            if created:
+                family.samples.append(Sample(f"{name}_created", {"model": model}, t))
+        yield family
 
 
 class _PredictorCollector:

@@ -468,8 +468,20 @@ def format_predictions(outputs: Any, spec: OutputSpec, fmt: str) -> bytes:
             flat = [_squeeze_answer(o) for o in spec.flatten(outputs)]
             outputs = dict(zip(spec.names, flat)) if spec.structure == "dict" else flat
     if spec.structure == "single":
+        key = "predictions" if fmt == ROW else "outputs"
+        if isinstance(outputs, np.ndarray) and outputs.dtype.kind in "biuf":
+            # The common answer: orjson writes it as it is. Only a non-finite
+            # float makes orjson write `null` (no other number does), and then
+            # the array takes the way through `json_safe` for its tokens.
+            try:
+                payload = orjson.dumps({key: outputs}, option=orjson.OPT_SERIALIZE_NUMPY)
+            except TypeError:  # a dtype orjson does not take (bfloat16, ...), a strided view
+                pass
+            else:
+                if outputs.dtype.kind != "f" or b"null" not in payload:
+                    return payload
         binary = bool(spec.names) and spec.names[0].endswith(_BINARY_SUFFIX)
-        return dumps({"predictions" if fmt == ROW else "outputs": json_safe(outputs, binary)})
+        return dumps({key: json_safe(outputs, binary)})
     flat = [json_safe(np.asarray(o), name.endswith(_BINARY_SUFFIX))
             for name, o in zip(spec.names, spec.flatten(outputs), strict=True)]
     if fmt == ROW:
