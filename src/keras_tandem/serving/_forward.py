@@ -327,7 +327,8 @@ class ForwardPass(abc.ABC):
 class StatelessForward(ForwardPass):
     """What the JAX and PyTorch passes share: `stateless_call` over weights they own.
 
-    A subclass sets `self._tree` (`keras.tree`), keeps the weights in
+    A subclass names `_no_strings` (the error for a model with string
+    inputs), sets `self._tree` (`keras.tree`), keeps the weights in
     `self._trainable` / `self._non_trainable`, and defines `_call(bucket)`
     (the model on the first `bucket` rows of the buffers) and
     `_as_weight(array)` (a checked array as the backend's weight value).
@@ -336,6 +337,12 @@ class StatelessForward(ForwardPass):
     _tree: Any
     _trainable: list[Any]
     _non_trainable: list[Any]
+    _no_strings: str  # why the backend cannot take the model's string inputs
+
+    def __init__(self, model: Any, signature: Any, max_rows: int):
+        if any(f.is_string for f in signature.fields):
+            raise ValueError(self._no_strings)
+        super().__init__(model, signature, max_rows)
 
     @abc.abstractmethod
     def _call(self, bucket: int) -> Any:

@@ -39,14 +39,13 @@ class JaxForward(StatelessForward):
     """
 
     call_path = "jax jit"
+    _no_strings = "JAX has no string arrays for the model's string inputs"
 
     def __init__(self, model: Any, signature: InputSignature, max_rows: int):
         import jax
         import keras
 
         super().__init__(model, signature, max_rows)
-        if any(f.is_string for f in signature.fields):
-            raise ValueError("JAX has no string arrays for the model's string inputs")
         self._jax = jax
         self._trainable = [jax.device_put(variable_value(v)) for v in model.trainable_variables]
         self._non_trainable = [jax.device_put(variable_value(v))

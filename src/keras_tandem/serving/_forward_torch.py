@@ -58,14 +58,13 @@ class TorchForward(StatelessForward):
     """
 
     call_path = "torch inference_mode"
+    _no_strings = "PyTorch has no string tensors for the model's string inputs"
 
     def __init__(self, model: Any, signature: InputSignature, max_rows: int):
         import keras
         import torch
 
         super().__init__(model, signature, max_rows)
-        if any(f.is_string for f in signature.fields):
-            raise ValueError("PyTorch has no string tensors for the model's string inputs")
         self._torch = torch
         self._tree = keras.tree
         variables = list(model.weights)
