@@ -8,7 +8,7 @@ import pytest
 
 BACKEND = keras.backend.backend()
 # What `Predictor.stats()["call_path"]` says when the backend's fast pass serves.
-FAST_PATH = {"tensorflow": "call op", "jax": "jax jit", "torch": "torch inference_mode"}[BACKEND]
+FAST_PATH = {"tensorflow": "session", "jax": "jax jit", "torch": "torch inference_mode"}[BACKEND]
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow",
                              reason="TensorFlow-specific (tf ops, string tensors, XLA flag)")
 

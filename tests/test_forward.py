@@ -9,6 +9,9 @@ its own copy of the model ("keras copy"), with the same guarantees.
 """
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -65,16 +68,29 @@ def serve_and_check_warned(model, **options):
 # --------------------------------------------------------------- the fast path
 
 
-def test_normal_path_is_a_call_op_on_the_inline_executor_and_logs_info_once(model, caplog):
+def test_normal_path_is_a_session_on_the_calling_thread_and_logs_info_once(model, caplog):
     caplog.set_level(logging.INFO, logger="keras_tandem.serving")
     stats, warned = serve_and_check_warned(model)
-    assert stats["call_path"] == "call op"  # TensorFlow 2.21: the fastest way works
+    assert stats["call_path"] == "session"  # TensorFlow 2.21: the fastest way works
     assert stats["executor"] == "inline"
     assert warned == []
     infos = [r for r in caplog.records
              if r.name == "keras_tandem.serving" and r.levelno == logging.INFO]
     assert len(infos) == 1
-    assert "'call op'" in infos[0].getMessage() and "inline" in infos[0].getMessage()
+    assert "'session'" in infos[0].getMessage() and "inline" in infos[0].getMessage()
+
+
+def test_the_session_pass_runs_on_the_worker_thread_alone(model):
+    # Fed NumPy views of the aligned buffers, run in the calling thread: no
+    # other thread of the process takes part in a pass.
+    with Predictor(model, max_batch_size=8) as p:
+        assert p.stats()["call_path"] == "session"
+        ran_on = []
+        run = p._forward._calls[1]
+        p._forward._calls = {b: (lambda args, run=run: ran_on.append(threading.get_ident())
+                                 or run(args)) for b in p._forward._calls}
+        p.predict(np.ones(8, np.float32))
+        assert ran_on == [p._worker.ident]
 
 
 def test_xla_compiled_pass_calls_directly_without_a_warning(model):
@@ -85,6 +101,13 @@ def test_xla_compiled_pass_calls_directly_without_a_warning(model):
 
 
 # ------------------------------------------------------- each private call broken
+
+
+def eager_ways_only(monkeypatch):
+    # The cases below break the eager ways, which only run once the session
+    # way is not taken (as on a machine with a GPU).
+    monkeypatch.setattr(_tf_private, "CALL_PATHS",
+                        tuple(w for w in _tf_private.CALL_PATHS if w != "session"))
 
 
 def execute_raises(monkeypatch):
@@ -163,6 +186,7 @@ def call_flat_signature_changed(monkeypatch):
 ])
 def test_a_broken_private_call_falls_back_answers_right_and_warns_once(
         model, monkeypatch, caplog, breakage, path, executor, refused):
+    eager_ways_only(monkeypatch)
     breakage(monkeypatch)
     caplog.set_level(logging.INFO, logger="keras_tandem.serving")
     stats, warned = serve_and_check_warned(model)
@@ -180,17 +204,93 @@ def test_a_broken_private_call_falls_back_answers_right_and_warns_once(
 
 
 def test_a_private_call_off_the_chosen_path_is_never_made(model, monkeypatch):
-    # `_call_flat` is only the third way: while the call op works it is not
-    # needed, and its breakage costs nothing.
+    # The eager ways come after the session: while it works they are not
+    # needed, and their breakage costs nothing.
     def missing(fn):
         raise AttributeError("no _call_flat")
     monkeypatch.setattr(_tf_private, "_call_flat", missing)
+    execute_raises(monkeypatch)
     stats, warned = serve_and_check_warned(model)
-    assert stats["call_path"] == "call op"
+    assert stats["call_path"] == "session"
     assert warned == []
 
 
-def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatch):
+def make_callable_missing(monkeypatch):
+    def missing(session, options):
+        raise AttributeError("'Session' object has no attribute '_make_callable_from_options'")
+    monkeypatch.setattr(_tf_private, "_make_callable", missing)
+
+
+def session_answers_wrong(monkeypatch):
+    real = _tf_private._make_callable
+
+    def wrong(session, options):
+        run = real(session, options)
+        return lambda *feeds: [np.zeros_like(o) for o in run(*feeds)]
+    monkeypatch.setattr(_tf_private, "_make_callable", wrong)
+
+
+@pytest.mark.parametrize("breakage, refused", [
+    (make_callable_missing, "session: AttributeError"),
+    (session_answers_wrong, "session: output 0 differs"),
+])
+def test_a_broken_session_falls_back_to_the_call_op_and_warns_once(
+        model, monkeypatch, breakage, refused):
+    breakage(monkeypatch)
+    stats, warned = serve_and_check_warned(model)
+    again, warned_again = serve_and_check_warned(model)
+    assert stats["call_path"] == again["call_path"] == "call op"
+    (warning,) = warned + warned_again
+    assert "falls back to 'call op'" in str(warning.message)
+    assert refused in str(warning.message)
+
+
+def test_a_pass_that_captures_state_keeps_the_call_op_without_a_warning(caplog):
+    # A tensor the model's call closes over is captured by the trace: a
+    # session cannot be fed it. That is the model's shape, said at INFO.
+    offset = tf.constant([[0.5, -0.5]])
+
+    class Offset(keras.layers.Layer):
+        def call(self, x):
+            return x + offset
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, Offset()(keras.layers.Dense(2)(inputs)))
+    caplog.set_level(logging.INFO, logger="keras_tandem.serving")
+    stats, warned = serve_and_check_warned(model)
+    assert (stats["call_path"], warned) == ("call op", [])
+    (info,) = [r.getMessage() for r in caplog.records if r.name == "keras_tandem.serving"]
+    assert "session: NotForThisGraph: the function captures state" in info
+
+
+def test_a_visible_gpu_keeps_the_call_op_without_a_warning(model, monkeypatch):
+    real = tf.config.list_logical_devices
+
+    def with_a_gpu(kind=None):
+        return ["/device:GPU:0"] if kind == "GPU" else real(kind)
+    monkeypatch.setattr(tf.config, "list_logical_devices", with_a_gpu)
+    stats, warned = serve_and_check_warned(model)
+    assert (stats["call_path"], warned) == ("call op", [])
+
+
+def test_sessions_are_closed_before_the_interpreter_ends(tmp_path):
+    # A session callable's finalizer needs TensorFlow's modules: the session
+    # is closed at exit while they stand, so nothing is printed on the way out.
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import numpy as np, keras\n"
+        "from keras_tandem import Predictor\n"
+        "model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])\n"
+        "p = Predictor(model)\n"
+        "print(p.stats()['call_path'], p.predict(np.ones(4, np.float32)).shape)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["session", "(2,)"]
+    assert "Exception ignored" not in done.stderr
+
+
+def test_control_flow_model_runs_in_a_session_or_a_call_op_on_the_default_executor(monkeypatch):
     class Branchy(keras.Model):
         def __init__(self):
             super().__init__()
@@ -203,7 +303,12 @@ def test_control_flow_model_keeps_the_call_op_on_the_default_executor(monkeypatc
     model = Branchy()
     model(np.zeros((1, 8), np.float32))
     stats, warned = serve_and_check_warned(model, input_signature=keras.Input((8,)))
+    # A session runs the graph on the calling thread with any control flow.
+    assert (stats["call_path"], stats["executor"]) == ("session", "default")
+    eager_ways_only(monkeypatch)
+    stats, warned_eager = serve_and_check_warned(model, input_signature=keras.Input((8,)))
     assert (stats["call_path"], stats["executor"]) == ("call op", "default")
+    warned += warned_eager
     # The model's own control flow, not a change in TensorFlow: said at INFO, no warning.
     assert not warned
 
@@ -411,5 +516,5 @@ def test_a_model_that_samples_at_inference_keeps_the_traced_pass():
         warnings.simplefilter("always")
         with Predictor(model, max_batch_size=4) as p:
             assert p.predict(np.ones(4, np.float32)).shape == (2,)
-            assert p.stats()["call_path"] == "call op"
+            assert p.stats()["call_path"] == "session"
     assert fallback_warnings(record) == []

@@ -517,7 +517,9 @@ def test_string_requests_answer_as_model_predict():
             answers = list(pool.map(p.predict, texts * 4))
         np.testing.assert_allclose(np.stack(answers), np.concatenate([expected] * 4),
                                    rtol=1e-5, atol=1e-6)
-        assert p.stats()["call_path"] == FAST_PATH
+        # Its vocabulary is a lookup table the pass captures, which a session
+        # cannot be fed: the eager call op, the next fastest way, runs it.
+        assert p.stats()["call_path"] == "call op"
 
 
 @tf_only

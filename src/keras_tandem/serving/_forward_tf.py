@@ -96,6 +96,13 @@ class TensorFlowForward(ForwardPass):
             self._calls = plan.callers
             self.call_path = plan.path
             self.executor = plan.executor
+            self._feeds_numpy = plan.feeds_numpy
+            if plan.feeds_numpy:
+                # What the session's callers are fed: NumPy views of the
+                # weights and of the buffers' first rows (aligned: not copied).
+                self._flat_weights = [np.asarray(t) for t in self._flat_weights]
+                self._views = {b: [self.buffers[i][:b] for i in self._input_order]
+                               for b in self.buckets}
 
     def _describe_outputs(self, model: Any) -> tuple[ArraySpec, ...]:
         tf = self._tf
@@ -140,7 +147,7 @@ class TensorFlowForward(ForwardPass):
             # XLA-compiled functions run on the calling thread already, and
             # the inline executor does not take them.
             return _tf_private.fast_call(fns, args, inline_executor=not jit_compile,
-                                         call_op=not jit_compile)
+                                         call_op=not jit_compile, session=not jit_compile)
         finally:
             for b in patterned:
                 b.fill(0)
@@ -162,6 +169,10 @@ class TensorFlowForward(ForwardPass):
         Returns:
             The model's outputs, flattened, as NumPy arrays of `bucket` rows.
         """
+        if self._feeds_numpy:
+            # NumPy in and out; an output may still view a fed buffer.
+            outputs = self._calls[bucket]([*self._flat_weights, *self._views[bucket]])
+            return [self._own(o) for o in outputs]
         if self._views is not None:
             args = [*self._flat_weights, *self._views[bucket]]
             outputs = [t.numpy() for t in self._calls[bucket](args)]
@@ -191,4 +202,5 @@ class TensorFlowForward(ForwardPass):
             target = trainable if is_trainable else non_trainable
             target[index] = constant(value)
         self._trainable, self._non_trainable = trainable, non_trainable
-        self._flat_weights = [*trainable, *non_trainable]
+        flat = [*trainable, *non_trainable]
+        self._flat_weights = [np.asarray(t) for t in flat] if self._feeds_numpy else flat

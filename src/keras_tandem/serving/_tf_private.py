@@ -8,6 +8,14 @@ here and nowhere else, and `fast_call` uses one only after it has given the
 same answers as the public `ConcreteFunction` call on the warm-up inputs.
 
 The ways, fastest first (the `call_path` that `Predictor.stats()` reports):
+- "session": the function's graph imported into a graph of its own and run
+  by a `tf.compat.v1.Session` callable made once (`_make_callable_from_options`),
+  on the calling thread (`RunOptions.inter_op_thread_pool = -1`), fed NumPy
+  arrays that it views where they are 64-byte aligned. No eager op is built
+  per call: each call skips the eager layers (op construction, kernel cache
+  lookup, attribute hashing, stack capture) that cost the most CPU on cold
+  caches. CPU only, and only for a function that captures nothing (a model
+  with a lookup table or other resource keeps the next way).
 - "call op": one `TFE_Py_Execute` of a hand-built `PartitionedCall` op that
   wraps the function. Eager mode runs a single op synchronously on the
   calling thread, and the function inside it inline: no hop to TensorFlow's
@@ -35,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +54,7 @@ from keras_tandem.serving._forward import warn_once
 
 log = logging.getLogger("keras_tandem.serving")
 
-CALL_PATHS = ("call op", "direct", "call flat", "function")
+CALL_PATHS = ("session", "call op", "direct", "call flat", "function")
 _INLINE_EXECUTOR = "SINGLE_THREADED_EXECUTOR"
 _PARTITIONED_CALL = "PartitionedCall"
 
@@ -78,6 +87,11 @@ def _eager_context(executor_type: str) -> tuple[Any, str, dict[str, Any]]:
     ctx.ensure_initialized()
     options = dict(ctx.function_call_options.as_attrs(), executor_type=executor_type)
     return ctx._handle, ctx.device_name, options
+
+
+def _make_callable(session: Any, options: Any) -> Callable[..., list[np.ndarray]]:
+    """A callable that runs `session` with `options` (a `CallableOptions`), fed positionally."""
+    return session._make_callable_from_options(options)
 
 
 def _status_errors() -> tuple[type[BaseException], Callable[[BaseException], BaseException]]:
@@ -157,7 +171,43 @@ def _execute_caller(fn: Any, executor: str, via_call_op: bool) -> Caller:
     return call
 
 
+class NotForThisGraph(Exception):
+    """A way that cannot run this function by its nature (not a change in TensorFlow)."""
+
+
+def _session_caller(fn: Any) -> Caller:
+    """One run of a `Session` callable over the function's graph, on the calling thread.
+
+    Its callers take NumPy arrays (`CallPlan.feeds_numpy`) and return NumPy arrays.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+
+    if list(fn.captured_inputs):
+        raise NotForThisGraph(
+            "the function captures state (e.g. a lookup table), which a session cannot be fed")
+    if tf.config.list_logical_devices("GPU"):
+        raise NotForThisGraph("a GPU is visible: the session way runs on the CPU only")
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(fn.graph.as_graph_def(), name="")
+    session = tf.compat.v1.Session(graph=graph)
+    options = config_pb2.CallableOptions(feed=[t.name for t in fn.inputs],
+                                         fetch=[t.name for t in fn.outputs])
+    options.run_options.inter_op_thread_pool = -1  # the calling thread runs the graph
+    run = _make_callable(session, options)
+
+    def call(args):
+        return run(*args)
+
+    # Closed when the caller goes, or at exit while TensorFlow's modules still
+    # stand (the callable's own finalizer needs them).
+    weakref.finalize(call, session.close)
+    return call
+
+
 _BUILDERS: dict[str, Callable[[Any, str], Caller]] = {
+    "session": lambda fn, executor: _session_caller(fn),
     "call op": lambda fn, executor: _execute_caller(fn, executor, via_call_op=True),
     "direct": lambda fn, executor: _execute_caller(fn, executor, via_call_op=False),
     "call flat": lambda fn, executor: _call_flat_caller(fn),
@@ -180,6 +230,8 @@ class CallPlan:
         functions: the concrete functions called. Held here because the
             direct callers name them in TensorFlow's context, which forgets
             a function once its Python object is gone.
+        feeds_numpy: the callers take NumPy arrays (aligned ones are viewed,
+            not copied) and return NumPy arrays, not tensors ("session").
     """
 
     callers: dict[int, Caller]
@@ -187,10 +239,12 @@ class CallPlan:
     executor: str
     refused: tuple[tuple[str, str], ...] = ()
     functions: Mapping[int, Any] | None = None
+    feeds_numpy: bool = False
 
 
 def fast_call(fns: Mapping[int, Any], args: Mapping[int, list[Any]], *,
-              inline_executor: bool = True, call_op: bool = True) -> CallPlan:
+              inline_executor: bool = True, call_op: bool = True,
+              session: bool = True) -> CallPlan:
     """Builds the fastest caller of each bucket's concrete function that gives the right answers.
 
     Runs every bucket through the public call first, as the reference (and
@@ -205,6 +259,7 @@ def fast_call(fns: Mapping[int, Any], args: Mapping[int, list[Any]], *,
         inline_executor: try TensorFlow's single-threaded executor.
         call_op: try the "call op" way (pointless for an XLA-compiled
             function, which runs on the calling thread already).
+        session: try the "session" way (its callers take NumPy arrays).
 
     Returns:
         The `CallPlan`.
@@ -227,25 +282,40 @@ def fast_call(fns: Mapping[int, Any], args: Mapping[int, list[Any]], *,
     callers: dict[int, Caller] = public
     path = "function"
     for way in CALL_PATHS[:-1]:
-        if way == "call op" and not call_op:
+        if (way == "call op" and not call_op) or (way == "session" and not session):
             continue
         try:
-            candidate = {b: _BUILDERS[way](f, executor) for b, f in fns.items()}
+            candidate = _build(way, fns, executor)
         except Exception as e:  # noqa: BLE001 - a private name moved: try the next way
             refused.append((way, _describe(e)))
             continue
-        _, reason = _run(candidate, args, executor, expected, strict=True)
+        way_args = _as_numpy(args) if way == "session" else args
+        _, reason = _run(candidate, way_args, executor, expected, strict=True)
         if reason is None:
             callers, path = candidate, way
             break
         refused.append((way, reason))
-    plan = CallPlan(callers, path, executor, tuple(refused), dict(fns))
+    plan = CallPlan(callers, path, executor, tuple(refused), dict(fns),
+                    feeds_numpy=path == "session")
     _report(plan)
     return plan
 
 
+def _build(way: str, fns: Mapping[int, Any], executor: str) -> dict[int, Caller]:
+    """Per bucket, the way's caller: one per function (buckets may share one)."""
+    built: dict[int, Caller] = {}
+    for f in fns.values():
+        if id(f) not in built:
+            built[id(f)] = _BUILDERS[way](f, executor)
+    return {b: built[id(f)] for b, f in fns.items()}
+
+
 def _numpy(tensors: Sequence[Any]) -> list[np.ndarray]:
     return [np.asarray(t) for t in tensors]
+
+
+def _as_numpy(args: Mapping[int, list[Any]]) -> dict[int, list[np.ndarray]]:
+    return {b: _numpy(a) for b, a in args.items()}
 
 
 def _run(callers: Mapping[int, Caller], args: Mapping[int, list[Any]], executor: str,
@@ -298,10 +368,15 @@ def _expected_refusal(way: str, reason: str) -> bool:
     """Whether a refusal comes from the model's graph, not from a change in TensorFlow.
 
     The inline executor refuses graphs with old-style control flow (`Switch`
-    ops, e.g. from `tf.debugging.assert_*`): that is the model's shape, said
-    once at INFO, not a warning that the private API moved.
+    ops, e.g. from `tf.debugging.assert_*`; `Enter`, from a recurrent
+    layer's loop), and the session way functions
+    that capture state or a machine with a GPU: that is the model's or the
+    machine's shape, said once at INFO, not a warning that the private API
+    moved.
     """
-    return way == "inline executor" and "does not support switch op" in reason.lower()
+    old_control_flow = ("does not support switch op", "does not support low level control flow")
+    return ((way == "inline executor" and any(m in reason.lower() for m in old_control_flow))
+            or (way == "session" and reason.startswith(NotForThisGraph.__name__)))
 
 
 def _report(plan: CallPlan) -> None:

@@ -398,8 +398,10 @@ class Predictor:
             kind), `invalid_inputs`, `timeouts`, `version`, `traces`
             (forward-pass traces since start; constant after warm-up),
             `call_path` (how each pass reaches the backend, chosen at
-            warm-up: on TensorFlow "call op", else "direct", "call flat" or
-            "function" when a faster way was refused; "keras copy" when the
+            warm-up: on TensorFlow "session" on the CPU, else "call op",
+            "direct", "call flat" or "function" when a faster way was
+            refused; on JAX "jax jit", on PyTorch "torch inference_mode";
+            "keras copy" when the
             traced pass cannot run the model and the Predictor's own copy of
             it runs Keras' predict step) and `executor` ("inline" or
             "default"), `queue_wait_seconds` (total time requests waited
