@@ -303,7 +303,7 @@ def test_no_wait_for_a_stream_when_a_pass_takes_longer_than_the_gap(callers):
     assert clock.waits == []
 
 
-def test_a_wait_for_a_stream_gives_up_three_gaps_after_its_last_request(callers):
+def test_a_wait_for_a_stream_gives_up_three_gaps_after_the_missing_rows_were_due(callers):
     clock = FakeClock()
     q = busy_queue(clock, callers, max_delay_s=0.02)
     clock.advance(GAP)
@@ -314,8 +314,31 @@ def test_a_wait_for_a_stream_gives_up_three_gaps_after_its_last_request(callers)
     clock.at(t + 0.015, lambda: later.append(put_from(callers[2], q)))  # the stream stopped
     assert q.take() == [first, *later]
     assert len(later) == 1
-    # Three of the stream's gaps after the last arrival, long before max_delay.
-    assert t + GAP + 2.5 * GAP < clock.t < t + GAP + 4 * GAP
+    # The two missing rows were due one and two gaps after the last arrival:
+    # three of the stream's gaps after that, long before max_delay.
+    assert t + GAP + 4.5 * GAP < clock.t < t + GAP + 6 * GAP
+
+
+def test_a_wait_for_a_steady_stream_wakes_only_when_its_rows_are_in():
+    # Twelve callers, one request every gap: eleven more rows are due over
+    # eleven gaps. While the stream keeps its pace no timed wait is set to
+    # end before the last of them is due (the worker would wake to check on
+    # the stream every few gaps, a context switch each).
+    pools = [ThreadPoolExecutor(1) for _ in range(12)]
+    try:
+        clock = FakeClock()
+        q = busy_queue(clock, pools)
+        clock.advance(GAP)
+        t = clock.t
+        first = put_from(pools[0], q)
+        for i, c in enumerate(pools[1:], 1):
+            clock.at(t + i * GAP, lambda c=c: put_from(c, q))
+        batch = q.take()
+    finally:
+        for p in pools:
+            p.shutdown()
+    assert batch[0] is first and len(batch) == 12
+    assert clock.waits and all(start + timeout >= t + 11 * GAP for start, timeout in clock.waits)
 
 
 @pytest.mark.parametrize("end", ["wake", "close"])

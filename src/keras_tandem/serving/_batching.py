@@ -325,7 +325,11 @@ class BatchQueue:
                       patience: float | None = None) -> None:
         # Called with the lock held. Waits until `rows` are queued or the
         # oldest request has waited max_delay_s, whichever comes first; with
-        # `patience`, also stops once no request has come for that long.
+        # `patience`, also stops once the missing rows are `patience` late
+        # (due one gap apart after the last request). Timing that from the
+        # last request alone would wake the worker every few gaps while a
+        # steady stream still flows: each such wake is a context switch that
+        # a training thread pays for.
         deadline = items[0].enqueued + self.max_delay_s
         self._want_rows = rows
         try:
@@ -333,7 +337,8 @@ class BatchQueue:
                 now = self._now()
                 remaining = deadline - now
                 if patience is not None:
-                    remaining = min(remaining, self._last_put + patience - now)
+                    due = self._last_put + (rows - self._rows) * self._gap
+                    remaining = min(remaining, due + patience - now)
                 if remaining <= 0 or self._closed or self._wake_requested:
                     return
                 self._worker_waiting = True
