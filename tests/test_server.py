@@ -669,7 +669,8 @@ def test_queue_waits_are_counted_in_their_bucket():
 
     stats = ServingStats()
     waits = np.array([0.0, QUEUE_WAIT_BOUNDS[0], 0.003, 0.003, 99.0])
-    stats.record_batch(5, 5, latencies=waits + 0.01, waits=waits)
+    start = 1000.0
+    stats.record_batch(5, 5, done=start + 0.01, start=start, enqueued=list(start - waits))
     snap = stats.snapshot()
     counts = snap["queue_wait_counts"]
     assert len(counts) == len(QUEUE_WAIT_BOUNDS) + 1 and sum(counts) == 5

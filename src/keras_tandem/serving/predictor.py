@@ -620,9 +620,7 @@ class Predictor:
             return
         # Counted before any caller is answered, so that stats() (and the
         # server's metrics) already include every answer a caller has seen.
-        done = _now()
-        enqueued = np.fromiter((r.enqueued for r in live), float, len(live))
-        self._stats.record_batch(len(live), rows, done - enqueued, start - enqueued)
+        self._stats.record_batch(len(live), rows, _now(), start, [r.enqueued for r in live])
         pos = 0
         if forward.single_output:
             out = outputs[0]
