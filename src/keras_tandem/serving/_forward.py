@@ -200,6 +200,9 @@ class ForwardPass(abc.ABC):
         self._buffer_bytes = [None if b.dtype.kind == "O" else
                               memoryview(b.reshape(-1).view(np.uint8)) for b in self.buffers]
         self._row_bytes = [0 if b.dtype.kind == "O" else b[0].nbytes for b in self.buffers]
+        # Where each buffer's bytes lie, for `_own`'s check of an output.
+        self._buffer_spans = [(b.__array_interface__["data"][0],
+                               b.__array_interface__["data"][0] + b.nbytes) for b in self.buffers]
         pad_bytes = max(self._row_bytes) * max_rows
         self._zeros = memoryview(bytes(pad_bytes)) if pad_bytes <= _ZERO_BYTES_MAX else None
         self.layout = weight_layout(model)
@@ -317,9 +320,8 @@ class ForwardPass(abc.ABC):
     def _own(self, output: np.ndarray) -> np.ndarray:
         """`output`, copied if it views a batch buffer (which the next batch overwrites)."""
         address = output.__array_interface__["data"][0]
-        for b in self.buffers:
-            start = b.__array_interface__["data"][0]
-            if start <= address < start + b.nbytes:
+        for start, end in self._buffer_spans:
+            if start <= address < end:
                 return output.copy()
         return output
 
