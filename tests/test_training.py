@@ -52,10 +52,15 @@ def test_arrays_publish_at_each_epoch_end_and_join_returns_history():
         assert set(history.history) == {"loss", "accuracy"}
         p = run.progress
         assert (p.epoch, p.epochs, p.step, p.steps_per_epoch) == (2, 3, 8, 8)
-        assert p.total_steps == 24 and p.done and p.published == 3 and p.version == 3
+        assert p.total_steps == 24 and p.done
+        # One snapshot per epoch end, nothing new at train end. The hand-off
+        # thread publishes only the newest: on a loaded machine an epoch's
+        # snapshot can be superseded by the next before its turn.
+        (publisher,) = run.publishers
+        assert p.published + publisher.superseded == 3 and publisher.refused == 0
+        assert p.published >= 1 and p.version == predictor.version == p.published
         assert set(p.logs) == {"loss", "accuracy"} and p.epoch_logs["loss"] > 0
-        assert predictor.version == 3  # one per epoch end; nothing new at train end
-        assert serves_model_weights(predictor, model, x[:8])
+        assert serves_model_weights(predictor, model, x[:8])  # the last epoch's, always
 
 
 @pytest.mark.filterwarnings("ignore:Your input ran out of data")  # Keras, on any generator
